@@ -1,0 +1,268 @@
+"""The agent daemon: enroll, wait for rounds, train, encrypt, upload, decrypt results.
+
+It keeps its place across rounds with the model version carried by each round
+start: a start whose base model has not arrived yet is parked until the result it
+builds on is decrypted, so no round ever trains from the wrong weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import resource
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedmq import he, topics, wire
+from fedmq.chunking import Reassembler, single
+from fedmq.config import AgentConfig
+from fedmq.mqtt_session import Inbound, MqttSession
+from fedmq.sealing import SealedBox, agent_box_info, enrollment_proof, new_keypair, open_box
+from fedmq.telemetry import PhaseClock
+
+log = logging.getLogger("fedmq.agent")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class EnrollmentRefused(RuntimeError):
+    pass
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.id = cfg.agent_id
+        self.task = cfg.task
+        offline = wire.encode_envelope(single(wire.AgentStatus(state="offline"), task=self.task, rnd=0, sender=self.id))
+        self.session = MqttSession(cfg.broker, self.id, will=(topics.agent_status(self.id), offline))
+        self.chunks = Reassembler(max_stream_bytes=1 << 34)
+        self.ctx = None
+        self._x25519, self._x25519_public = new_keypair()
+        self._pending_nonces: set[bytes] = set()
+        self.trainer = None
+        self.models: dict[int, np.ndarray] = {}  # model version -> global weights
+        self.latest_version = -1
+        self.parked: tuple[int, wire.RoundStart] | None = None
+        self.handled_rounds: set[int] = set()
+        self.clocks: dict[int, PhaseClock] = {}
+        self.sent_bytes: dict[int, int] = {}
+        self.last_accuracy: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        s = self.session
+        s.subscribe(topics.own_keys(self.task, self.id))
+        s.connect()
+        self._enroll(stop)
+        if stop.is_set():
+            return
+        s.subscribe(topics.all_round_starts(self.task))
+        s.subscribe(topics.all_results(self.task))
+        s.send(topics.agent_status(self.id), wire.AgentStatus(state="online"), task=self.task, rnd=0, retain=True)
+        log.info("%s online and waiting for rounds of task %s", self.id, self.task)
+        while not stop.is_set():
+            try:
+                msg = s.inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.dispatch(msg)
+
+    def stop(self) -> None:
+        """Clean shutdown: say offline ourselves (the last will covers crashes)."""
+        try:
+            self.session.send(topics.agent_status(self.id), wire.AgentStatus(state="offline"),
+                              task=self.task, rnd=0, retain=True).wait_for_publish(2)
+        except Exception as exc:  # best effort on the way out
+            log.debug("could not publish offline status: %s", exc)
+        self.session.close()
+
+    # ------------------------------------------------------------------ enrollment
+    def _enroll(self, stop: threading.Event) -> None:
+        credential = self.cfg.credential.get_secret_value()
+        while self.ctx is None and not stop.is_set():
+            nonce = os.urandom(16)
+            self._pending_nonces.add(nonce)
+            proof = enrollment_proof(credential, self.task, self.id, self._x25519_public, nonce)
+            self.session.send(topics.enroll(self.task, self.id),
+                              wire.EnrollRequest(public_key=self._x25519_public, nonce=nonce, proof=proof),
+                              task=self.task, rnd=0)
+            log.info("%s: enrollment requested", self.id)
+            end = time.monotonic() + self.cfg.enroll_retry_s
+            while self.ctx is None and time.monotonic() < end and not stop.is_set():
+                try:
+                    self.dispatch(self.session.inbox.get(timeout=0.2), raise_refusal=True)
+                except queue.Empty:
+                    pass
+
+    def _on_key(self, env: wire.Envelope, raise_refusal: bool) -> None:
+        if env.kind == "key_refused":
+            body: wire.KeyRefused = wire.decode_body(env.kind, env.body)
+            if body.request_nonce in self._pending_nonces and raise_refusal:
+                raise EnrollmentRefused(f"key authority refused enrollment of {self.id!r}: {body.reason}")
+            return
+        done = self.chunks.add(env)
+        if done is None:
+            return
+        grant: wire.KeyGrant = wire.decode_body(done.kind, done.body)
+        if grant.request_nonce not in self._pending_nonces:
+            raise wire.WireError("key grant answers no request of ours (replayed?)")
+        box = SealedBox(grant.ephemeral_key, grant.aead_nonce, grant.sealed_context)
+        try:
+            secret = open_box(self._x25519, box, agent_box_info(self.task, self.id))
+        except Exception:
+            raise wire.WireError("key grant does not open with our key: not sealed to us") from None
+        ctx = he.load_context(secret)
+        del secret
+        if not ctx.is_private():
+            raise wire.WireError("key grant holds no secret key")
+        self.ctx = ctx
+        self._pending_nonces.clear()
+        log.info("%s: enrolled; secret CKKS context received sealed (%s)", self.id, he.params_of(ctx))
+
+    # ------------------------------------------------------------------ inbound
+    def dispatch(self, msg: Inbound, raise_refusal: bool = False) -> None:
+        try:
+            if msg.payload == b"":
+                return  # a retained message being cleared
+            info = topics.parse(msg.topic)
+            env = wire.decode_envelope(msg.payload, max_bytes=MAX_MESSAGE_BYTES)
+            wire.check_against_topic(env, info, task=self.task)
+            if info.family == "key":
+                if info.agent != self.id:
+                    raise wire.WireError("key message for another agent")
+                self._on_key(env, raise_refusal)
+            elif info.family == "round_start":
+                self._on_round_start(env)
+            elif info.family == "result":
+                self._on_result_chunk(env)
+            else:
+                raise wire.WireError(f"agent does not consume {info.family} messages")
+        except (ValueError, he.HEError) as exc:
+            log.warning("%s rejected %s: %s", self.id, msg.topic, exc)
+
+    def _on_round_start(self, env: wire.Envelope) -> None:
+        start: wire.RoundStart = wire.decode_body(env.kind, env.body)
+        rnd = env.round
+        if rnd in self.handled_rounds or rnd <= self.latest_version:
+            return  # a retained start we have already dealt with
+        if self.id not in start.selected:
+            log.info("%s: not selected for round %d", self.id, rnd)
+            self.handled_rounds.add(rnd)
+            return
+        if time.time() > start.deadline:
+            log.info("%s: round %d is past its deadline; skipping", self.id, rnd)
+            self.handled_rounds.add(rnd)
+            return
+        if start.model_version not in self.models and start.model_version != 0:
+            log.info("%s: round %d builds on model %d, waiting for that result", self.id, rnd, start.model_version)
+            self.parked = (rnd, start)
+            return
+        self.handled_rounds.add(rnd)
+        try:
+            self._participate(rnd, start)
+        except Exception as exc:  # one failed round must not kill the daemon
+            log.exception("%s: round %d failed: %s", self.id, rnd, exc)
+
+    def _on_result_chunk(self, env: wire.Envelope) -> None:
+        if env.round <= self.latest_version:
+            return
+        done = self.chunks.add(env)
+        if done is None:
+            return
+        result: wire.Result = wire.decode_body(done.kind, done.body)
+        rnd = env.round
+        clock = self.clocks.setdefault(rnd, PhaseClock())
+        trainer = self._trainer()
+        with clock.phase("decrypt"):
+            summed = he.decrypt(self.ctx, result.ciphertexts, result.n_params)
+        weights = summed / result.total_weight
+        with clock.phase("evaluate"):
+            accuracy = trainer.evaluate(weights)
+        self.models = {rnd: weights}
+        self.latest_version = rnd
+        self.last_accuracy = accuracy
+        log.info("%s: round %d result from %d agents decrypted; test accuracy %.4f",
+                 self.id, rnd, len(result.participants), accuracy)
+        self._publish_telemetry(rnd, clock, accuracy, len(done.body))
+        if self.parked and self.parked[1].model_version == rnd:
+            prnd, start = self.parked
+            self.parked = None
+            self.handled_rounds.add(prnd)
+            self._participate(prnd, start)
+
+    # ------------------------------------------------------------------ a round
+    def _trainer(self):
+        if self.trainer is None:
+            from agent.training import DigitsTrainer  # torch only once there is work
+
+            c = self.cfg
+            self.trainer = DigitsTrainer(c.model, c.data, c.train)
+        return self.trainer
+
+    def _base_weights(self, version: int) -> np.ndarray:
+        if version == 0:
+            return self._trainer().initial_weights()
+        return self.models[version]
+
+    def _participate(self, rnd: int, start: wire.RoundStart) -> None:
+        clock = self.clocks.setdefault(rnd, PhaseClock())
+        trainer = self._trainer()
+        base = self._base_weights(start.model_version)
+        with clock.phase("train"):
+            weights = trainer.train(base, rnd)
+        n = trainer.num_samples
+        scaled = weights * n
+        params = he.params_of(self.ctx)
+        if np.abs(scaled).max() * len(start.selected) >= params.headroom:
+            raise he.HEError(f"n*w reaches {np.abs(scaled).max():.3g}; with {len(start.selected)} agents the "
+                             f"sum could exceed the CKKS head-room {params.headroom:.3g}: lower scale_bits")
+        with clock.phase("encrypt"):
+            ciphertexts = he.encrypt(self.ctx, scaled)
+        if self.cfg.faults.oracle_dir is not None:
+            self._dump_oracle(rnd, weights, n)
+        update = wire.Update(num_samples=n, n_params=weights.size, ciphertexts=ciphertexts)
+        with clock.phase("serialize"):
+            encoded = wire.encode_body(update)
+        with clock.phase("upload"):
+            sent = self.session.send_stream(
+                lambda seq: topics.update_chunk(self.task, rnd, self.id, seq), None, task=self.task, rnd=rnd,
+                chunk_size=self.cfg.chunk_size, delay_s=self.cfg.faults.chunk_delay_s, encoded=encoded)
+        self.sent_bytes[rnd] = sent
+        log.info("%s: round %d update sent: %d samples, %d ciphertexts, %d bytes",
+                 self.id, rnd, n, len(ciphertexts), sent)
+
+    def _dump_oracle(self, rnd: int, weights: np.ndarray, n: int) -> None:
+        """Test-only: the plaintext update, for checking the encrypted aggregate exactly."""
+        out = Path(self.cfg.faults.oracle_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(out / f"{self.id}-round{rnd}.npz", weights=weights, num_samples=n)
+
+    def _publish_telemetry(self, rnd: int, clock: PhaseClock, accuracy: float, received: int) -> None:
+        peak = max(clock.peak_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        tele = wire.Telemetry(phases=clock.phases, bytes_sent=self.sent_bytes.pop(rnd, 0), bytes_received=received,
+                              peak_rss=peak, num_samples=self._trainer().num_samples, accuracy=accuracy)
+        self.session.send(topics.telemetry(self.id), tele, task=self.task, rnd=rnd)
+        self.clocks.pop(rnd, None)
+
+
+def run(cfg: AgentConfig) -> int:
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    agent = Agent(cfg)
+    try:
+        agent.run(stop)
+    except EnrollmentRefused as exc:
+        log.error("%s", exc)
+        agent.session.close()
+        return 2
+    agent.stop()
+    return 0

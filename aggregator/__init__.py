@@ -1,0 +1,1 @@
+"""Aggregator role: round orchestration and homomorphic FedAvg. Never holds a secret key."""

@@ -1,0 +1,225 @@
+"""The aggregator daemon: publishes rounds, folds verified encrypted updates into a
+running ciphertext sum as they complete, and publishes the encrypted result.
+
+It loads the task's *public* CKKS context (parameters only): it can add
+ciphertexts, and cannot decrypt a single one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+
+from fedmq import he, topics, wire
+from fedmq.chunking import Reassembler
+from fedmq.config import AggregatorConfig
+from fedmq.mqtt_session import Inbound, MqttSession
+from fedmq.private_files import write_private
+
+from aggregator.round_state import Decision, Outcome, Rejected, RoundState
+
+log = logging.getLogger("fedmq.aggregator")
+
+
+class Aggregator:
+    def __init__(self, cfg: AggregatorConfig) -> None:
+        self.cfg = cfg
+        self.task = cfg.task
+        self.session = MqttSession(cfg.broker, cfg.aggregator_id)
+        self.chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes)
+        self.ctx = None
+        self.online: set[str] = set()
+        self.state: RoundState | None = None
+        self.acc: list | None = None
+        self.bytes_received = 0
+        self.agg_s = 0.0
+        self.n_params: int | None = None
+        self.model_version = 0
+        self.next_round = 1
+        self._quorum_online_since: float | None = None
+        self._state_file = Path(cfg.state_dir) / "aggregator_state.json"
+        self._restore()
+
+    # ------------------------------------------------------------------ persistence
+    def _restore(self) -> None:
+        if self._state_file.exists():
+            saved = json.loads(self._state_file.read_text())
+            self.next_round, self.model_version = saved["next_round"], saved["model_version"]
+            self.n_params = saved.get("n_params")
+            log.info("resuming at round %d (model version %d)", self.next_round, self.model_version)
+
+    def _persist(self) -> None:
+        write_private(self._state_file, json.dumps({
+            "next_round": self.next_round, "model_version": self.model_version, "n_params": self.n_params,
+        }).encode())
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        s = self.session
+        for filt in (topics.all_public_context(self.task), topics.ALL_STATUS, topics.all_updates(self.task)):
+            s.subscribe(filt)
+        s.connect()
+        log.info("waiting for the public context of task %s", self.task)
+        self._pump(stop, until=lambda: self.ctx is not None)
+        rounds_done = 0
+        while not stop.is_set() and (self.cfg.rounds == 0 or rounds_done < self.cfg.rounds):
+            self._quorum_online_since = None
+            if not self._pump(stop, until=self._enough_online, timeout=self.cfg.wait_for_agents_s):
+                log.warning("only %d agent(s) online, need %d; still waiting", len(self.online), self.cfg.min_agents)
+                continue
+            self._open_round()
+            self._pump(stop, until=self._closable)
+            if stop.is_set():
+                break
+            self._close_round(self.state.decide(time.time()))
+            rounds_done += 1
+        log.info("aggregator done after %d round(s)", rounds_done)
+
+    def _pump(self, stop: threading.Event, until, timeout: float | None = None) -> bool:
+        """Handle inbound messages until ``until()`` holds; False on timeout/stop."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not until():
+            if stop.is_set() or (end is not None and time.monotonic() > end):
+                return False
+            try:
+                msg = self.session.inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.dispatch(msg)
+        return True
+
+    def _enough_online(self) -> bool:
+        """Target reached, or quorum online for a whole grace period (stragglers
+        of a simultaneous fleet start get their chance to enroll)."""
+        n, c = len(self.online), self.cfg
+        if n >= max(c.target_agents, c.min_agents):
+            return True
+        if n < c.min_agents:
+            self._quorum_online_since = None
+            return False
+        if self._quorum_online_since is None:
+            self._quorum_online_since = time.monotonic()
+        return time.monotonic() - self._quorum_online_since >= c.selection_grace_s
+
+    def _closable(self) -> bool:
+        return self.state is not None and self.state.decide(time.time()) is not None
+
+    # ------------------------------------------------------------------ inbound
+    def dispatch(self, msg: Inbound) -> None:
+        try:
+            info = topics.parse(msg.topic)
+            if msg.payload == b"":
+                return  # a retained message being cleared
+            env = wire.decode_envelope(msg.payload, max_bytes=self.cfg.max_message_bytes)
+            wire.check_against_topic(env, info, task=self.task)
+            handler = {"update": self._on_update_chunk, "status": self._on_status,
+                       "public_context": self._on_public_context}.get(info.family)
+            if handler is None:
+                raise wire.WireError(f"aggregator does not consume {info.family} messages")
+            handler(env)
+        except (ValueError, Rejected, he.HEError) as exc:  # WireError is a ValueError
+            log.warning("rejected %s: %s", msg.topic, exc)
+
+    def _on_public_context(self, env: wire.Envelope) -> None:
+        done = self.chunks.add(env)
+        if done is None:
+            return
+        body: wire.PublicContext = wire.decode_body(done.kind, done.body)
+        ctx = he.load_context(body.context)
+        if ctx.is_private():
+            # Refuse to hold a secret key even if someone publishes one.
+            raise wire.WireError("the 'public' context carries a secret key; refusing it")
+        self.ctx = ctx
+        log.info("loaded the public CKKS context %s", he.params_of(ctx))
+
+    def _on_status(self, env: wire.Envelope) -> None:
+        body: wire.AgentStatus = wire.decode_body(env.kind, env.body)
+        if body.state == "online":
+            self.online.add(env.sender)
+            if self.state:
+                self.state.mark_online(env.sender)
+        else:
+            self.online.discard(env.sender)
+            if self.state:
+                self.state.mark_offline(env.sender)
+        log.info("agent %s is %s (%d online)", env.sender, body.state, len(self.online))
+
+    def _on_update_chunk(self, env: wire.Envelope) -> None:
+        st = self.state
+        if st is None or env.round != st.round:
+            raise Rejected(f"chunk for round {env.round}, which is not open")
+        st.check(env.sender, time.time())
+        done = self.chunks.add(env)
+        if done is None:
+            return
+        update: wire.Update = wire.decode_body(done.kind, done.body)
+        if self.n_params is not None and update.n_params != self.n_params:
+            raise Rejected(f"update packs {update.n_params} parameters; the model has {self.n_params}")
+        t0 = time.perf_counter()
+        vectors = he.load_ciphertexts(self.ctx, update.ciphertexts, update.n_params)
+        st.record(env.sender, update.num_samples, time.time())
+        self.acc = he.add_into(self.acc, vectors)
+        self.agg_s += time.perf_counter() - t0
+        self.n_params = update.n_params
+        self.bytes_received += len(done.body)
+        log.info("round %d: folded %s's update (%d samples, %d bytes); %d/%d reported",
+                 st.round, env.sender, update.num_samples, len(done.body), len(st.weights), len(st.selected))
+
+    # ------------------------------------------------------------------ rounds
+    def _open_round(self) -> None:
+        rnd = self.next_round
+        selected = sorted(self.online)[: self.cfg.max_agents]
+        quorum = min(self.cfg.min_agents, len(selected))
+        deadline = time.time() + self.cfg.round_timeout_s
+        self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline)
+        self.acc, self.bytes_received, self.agg_s = None, 0, 0.0
+        self.session.send(topics.round_start(self.task, rnd),
+                          wire.RoundStart(model_version=self.model_version, deadline=deadline,
+                                          selected=selected, quorum=quorum),
+                          task=self.task, rnd=rnd, retain=True)
+        log.info("round %d open: %d agents selected, quorum %d, deadline in %.0fs",
+                 rnd, len(selected), quorum, self.cfg.round_timeout_s)
+
+    def _close_round(self, decision: Decision) -> None:
+        st = self.state
+        st.closed = True
+        dropped_partials = self.chunks.discard(keep=lambda key: key[1] > st.round)
+        participants = sorted(st.weights)
+        if decision.outcome is Outcome.AGGREGATE:
+            t0 = time.perf_counter()
+            blobs = he.serialize_all(self.acc)
+            self.agg_s += time.perf_counter() - t0
+            result = wire.Result(participants=participants, total_weight=st.total_weight,
+                                 n_params=self.n_params, ciphertexts=blobs)
+            self.session.send_stream(lambda seq: topics.round_result(self.task, st.round, seq), result,
+                                     task=self.task, rnd=st.round, chunk_size=self.cfg.chunk_size, retain=True)
+            self.model_version = st.round
+        closed = wire.RoundClosed(status=decision.outcome.value, participants=participants, dropped=st.dropped,
+                                  reason=decision.reason, total_weight=st.total_weight,
+                                  bytes_received=self.bytes_received, agg_s=self.agg_s)
+        self.session.send(topics.round_closed(self.task, st.round), closed, task=self.task, rnd=st.round,
+                          retain=True)
+        log.info("round %d %s: %s; participants %s, dropped %s, %d partial upload(s) discarded, agg %.3fs",
+                 st.round, decision.outcome.value, decision.reason, participants, st.dropped,
+                 dropped_partials, self.agg_s)
+        self.acc = None  # free the sum: O(model) memory per open round only
+        self.next_round = st.round + 1
+        self._persist()
+
+
+def run(cfg: AggregatorConfig) -> None:
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    agg = Aggregator(cfg)
+    try:
+        agg.run(stop)
+    finally:
+        agg.session.close()

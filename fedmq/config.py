@@ -1,0 +1,189 @@
+"""Role configuration: YAML files validated by pydantic.
+
+A bad file fails at start-up with one line per problem that names the file, the
+key and what was expected, e.g. ``configs/agent.yaml: broker.port: Input should
+be less than or equal to 65535 (got 70000)``. Secrets are never echoed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError
+
+from fedmq.topics import ID_PATTERN
+
+Id = Annotated[str, StringConstraints(pattern=rf"^{ID_PATTERN}$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+KiB = 1024
+_SECRET_KEYS = {"credential", "password", "credentials"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerEndpoint(_Section):
+    """How a role reaches the MQTT broker (embedded amqtt, mosquitto, RabbitMQ)."""
+
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    keepalive: Annotated[int, Field(ge=5, le=3600)] = 30
+    max_inflight: Annotated[int, Field(ge=1, le=65535)] = 32
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 15.0
+
+
+class HeSettings(_Section):
+    poly_modulus_degree: Literal[2048, 4096, 8192, 16384, 32768] = 4096
+    coeff_mod_bit_sizes: Annotated[list[Annotated[int, Field(ge=20, le=60)]], Field(min_length=2)] = [60, 49]
+    scale_bits: Annotated[int, Field(ge=20, le=58)] = 33
+
+
+class ModelSettings(_Section):
+    """The model every agent of a task trains; all agents of a task must agree."""
+
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = [64, 32]
+    init_seed: int = 0
+
+
+class DataSettings(_Section):
+    shard: Annotated[int, Field(ge=0)] = 0
+    num_shards: Annotated[int, Field(ge=1)] = 1
+    seed: int = 0
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+
+
+class TrainSettings(_Section):
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 5
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    lr: Annotated[float, Field(gt=0)] = 0.1
+    torch_threads: Annotated[int, Field(ge=1)] = 1
+
+
+class FaultSettings(_Section):
+    """Fault injection for tests and field tests; all off by default."""
+
+    chunk_delay_s: Annotated[float, Field(ge=0)] = 0.0
+    oracle_dir: Path | None = None  # test-only: dump plaintext updates for an exactness oracle
+
+
+class AgentConfig(_Section):
+    agent_id: Id
+    credential: SecretStr
+    task: Id = "digits"
+    broker: BrokerEndpoint = BrokerEndpoint()
+    state_dir: Path = Path("state/agent")
+    chunk_size: Annotated[int, Field(ge=1 * KiB, le=64 * 1024 * KiB)] = 256 * KiB
+    enroll_retry_s: Annotated[float, Field(gt=0)] = 5.0
+    model: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings()
+    train: TrainSettings = TrainSettings()
+    faults: FaultSettings = FaultSettings()
+
+
+class AggregatorConfig(_Section):
+    aggregator_id: Id = "aggregator"
+    task: Id = "digits"
+    broker: BrokerEndpoint = BrokerEndpoint()
+    state_dir: Path = Path("state/aggregator")
+    rounds: Annotated[int, Field(ge=0)] = 5  # 0: run until stopped
+    min_agents: Annotated[int, Field(ge=1)] = 2  # quorum
+    max_agents: Annotated[int, Field(ge=1)] = 1000
+    # A round starts as soon as target_agents are online, or, with at least
+    # min_agents online, once selection_grace_s has passed (0: target = min_agents).
+    target_agents: Annotated[int, Field(ge=0)] = 0
+    selection_grace_s: Annotated[float, Field(ge=0)] = 5.0
+    round_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    wait_for_agents_s: Annotated[float, Field(gt=0)] = 120.0
+    chunk_size: Annotated[int, Field(ge=1 * KiB, le=64 * 1024 * KiB)] = 256 * KiB
+    max_message_bytes: Annotated[int, Field(ge=2 * KiB)] = 1024 * KiB
+    max_update_bytes: Annotated[int, Field(ge=1 * KiB)] = 2 * 1024 * 1024 * KiB
+
+
+class KeyAuthorityConfig(_Section):
+    authority_id: Id = "keyauthority"
+    task: Id = "digits"
+    broker: BrokerEndpoint = BrokerEndpoint()
+    state_dir: Path = Path("state/keyauthority")
+    he: HeSettings = HeSettings()
+    chunk_size: Annotated[int, Field(ge=1 * KiB)] = 256 * KiB
+    max_clock_skew_s: Annotated[float, Field(gt=0)] = 300.0
+    credentials: dict[Id, SecretStr] = Field(default_factory=dict)
+
+
+class BrokerServerConfig(_Section):
+    """The embedded broker (``fedmq broker``)."""
+
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    max_connections: Annotated[int, Field(ge=0)] = 0
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def load(model: type[C], path: str | Path, overrides: dict | None = None) -> C:
+    """Load and validate a YAML config; raises ConfigError naming file and keys."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    if overrides:
+        raw = {**raw, **overrides}
+    try:
+        config = model.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "<top>"
+            got = "" if _SECRET_KEYS & {str(p) for p in err["loc"]} else f" (got {err.get('input')!r})"
+            if err["type"] == "missing":
+                got = ""
+            lines.append(f"{path}: {loc}: {err['msg']}{got}")
+        raise ConfigError("\n".join(lines)) from None
+    if _holds_secret(raw) and os.name == "posix" and stat.S_IMODE(path.stat().st_mode) & 0o077:
+        import logging
+
+        logging.getLogger(__name__).warning("%s holds secrets but is readable by group/others; chmod 600 it", path)
+    return config
+
+
+def _holds_secret(raw: dict) -> bool:
+    return any(k in _SECRET_KEYS for k in raw) or any(
+        isinstance(v, dict) and _holds_secret(v) for v in raw.values())
+
+
+def dump(config: BaseModel) -> str:
+    """YAML for a config, secrets included (write it with private_files)."""
+    def reveal(obj):
+        if isinstance(obj, SecretStr):
+            return obj.get_secret_value()
+        if isinstance(obj, Path):
+            return str(obj)
+        if isinstance(obj, dict):
+            return {k: reveal(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [reveal(v) for v in obj]
+        return obj
+
+    return yaml.safe_dump(reveal(config.model_dump()), sort_keys=False)

@@ -1,0 +1,165 @@
+"""CKKS backend (TenSEAL): contexts, slot-packed encryption, ciphertext sums.
+
+Why these defaults (measured with ``fedmq bench he`` precursors, see README):
+
+* The server's FedAvg is addition-only: agents encrypt ``n_i * w_i`` with their
+  integer sample count ``n_i``; the server adds ciphertexts and the plain total
+  ``sum n_i``; agents divide after decryption. No ciphertext multiplication, so no
+  rescaling level is consumed and one data prime suffices.
+* TenSEAL insists on key-switching support, so the modulus has two primes: a
+  60-bit data prime and a 49-bit special prime, 109 bits in all, which is exactly
+  the 128-bit-security bound for N = 4096 in the HE standard. A ciphertext is then
+  2 polynomials x 1 data prime: 32 bytes per parameter (FLARE's N=8192,
+  [60, 40, 40, 60] measures ~81).
+* Scale 2^33 leaves 2^26 (about 6.7e7) of head-room for ``|sum n_i w_i|`` under
+  the 60-bit prime, while the decryption error stays near 1e-7 absolute on the
+  sum, i.e. ~1e-10 on weights after dividing by the sample total.
+* Symmetric (secret-key) encryption: every encrypting party is an agent that holds
+  the secret key anyway; it is faster than public-key encryption and the context
+  handed out is 3x smaller (no public/relinearization keys).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# HE standard (homomorphicencryption.org, 2018), 128-bit classical security, ternary secret.
+MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+
+class HEError(ValueError):
+    """A ciphertext or context that does not fit the task's parameters."""
+
+
+@dataclass(frozen=True)
+class CkksParams:
+    poly_modulus_degree: int = 4096
+    coeff_mod_bit_sizes: tuple[int, ...] = field(default=(60, 49))
+    scale_bits: int = 33
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    @property
+    def headroom(self) -> float:
+        """Largest |value| a slot may hold (sums included) before it wraps mod q."""
+        return 2.0 ** (self.coeff_mod_bit_sizes[0] - 1 - self.scale_bits)
+
+    def check(self) -> None:
+        limit = MAX_COEFF_BITS_128.get(self.poly_modulus_degree)
+        if limit is None:
+            raise ValueError(f"poly_modulus_degree must be one of {sorted(MAX_COEFF_BITS_128)}")
+        total = sum(self.coeff_mod_bit_sizes)
+        if total > limit:
+            raise ValueError(f"coeff_mod_bit_sizes sum to {total} bits; 128-bit security allows "
+                             f"at most {limit} for N={self.poly_modulus_degree}")
+        if len(self.coeff_mod_bit_sizes) < 2:
+            raise ValueError("coeff_mod_bit_sizes needs a data prime and a special prime")
+        if not 20 <= self.scale_bits < self.coeff_mod_bit_sizes[0] - 1:
+            raise ValueError("scale_bits must be at least 20 and below the first prime's size")
+
+
+def _ts():  # imported lazily: an idle agent should not pay for the HE library
+    import tenseal
+    import tenseal.sealapi  # noqa: F401  registers SEAL types (Modulus) used by params_of
+
+    return tenseal
+
+
+def create_secret_context(params: CkksParams, n_threads: int | None = None):
+    params.check()
+    ts = _ts()
+    kwargs = {"n_threads": n_threads} if n_threads else {}
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree,
+                     coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+                     encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC, **kwargs)
+    ctx.global_scale = 2.0**params.scale_bits
+    return ctx
+
+
+def serialize_secret(ctx) -> bytes:
+    return ctx.serialize(save_public_key=False, save_secret_key=True,
+                         save_galois_keys=False, save_relin_keys=False)
+
+
+def serialize_public(ctx) -> bytes:
+    """Parameters only: enough to load and add ciphertexts, useless to decrypt."""
+    return ctx.serialize(save_public_key=False, save_secret_key=False,
+                         save_galois_keys=False, save_relin_keys=False)
+
+
+def load_context(data: bytes, n_threads: int | None = None):
+    ts = _ts()
+    try:
+        ctx = ts.context_from(data, n_threads=n_threads) if n_threads else ts.context_from(data)
+    except Exception as exc:
+        raise HEError(f"not a TenSEAL context: {exc}") from None
+    return ctx
+
+
+def params_of(ctx) -> CkksParams:
+    """Parameters recovered from a loaded context (the key authority's are authoritative)."""
+    seal_ctx = ctx.seal_context().data
+    parms = seal_ctx.key_context_data().parms()
+    bits = tuple(int(q.bit_count()) for q in parms.coeff_modulus())
+    return CkksParams(parms.poly_modulus_degree(), bits, int(round(math.log2(ctx.global_scale))))
+
+
+def n_ciphertexts(n_values: int, slots: int) -> int:
+    return -(-n_values // slots)
+
+
+def encrypt(ctx, values: np.ndarray, progress: Iterable | None = None) -> list[bytes]:
+    """Encrypt a flat vector, ``slots`` values per ciphertext; returns serialized ciphertexts."""
+    ts = _ts()
+    slots = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree() // 2
+    flat = np.ascontiguousarray(values, dtype=np.float64).ravel()
+    return [ts.ckks_vector(ctx, flat[i : i + slots].tolist()).serialize()
+            for i in range(0, flat.size, slots)]
+
+
+def load_ciphertexts(ctx, blobs: Sequence[bytes], n_values: int) -> list:
+    """Deserialize and check that the blobs pack exactly ``n_values`` for this context."""
+    ts = _ts()
+    slots = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree() // 2
+    expected = n_ciphertexts(n_values, slots)
+    if len(blobs) != expected:
+        raise HEError(f"{len(blobs)} ciphertexts for {n_values} values; expected {expected}")
+    vectors = []
+    for i, blob in enumerate(blobs):
+        try:
+            vec = ts.ckks_vector_from(ctx, blob)
+        except Exception as exc:
+            raise HEError(f"ciphertext {i} does not load under the task's context: {exc}") from None
+        want = min(slots, n_values - i * slots)
+        if vec.size() != want:
+            raise HEError(f"ciphertext {i} packs {vec.size()} values, expected {want}")
+        vectors.append(vec)
+    return vectors
+
+
+def add_into(acc: list | None, vectors: list) -> list:
+    """Fold one update into the running encrypted sum (O(model) memory at the server)."""
+    if acc is None:
+        return vectors
+    if len(acc) != len(vectors):
+        raise HEError(f"update has {len(vectors)} ciphertexts, sum has {len(acc)}")
+    for a, v in zip(acc, vectors):
+        a += v
+    return acc
+
+
+def serialize_all(vectors: list) -> list[bytes]:
+    return [v.serialize() for v in vectors]
+
+
+def decrypt(ctx, blobs: Sequence[bytes], n_values: int) -> np.ndarray:
+    if not ctx.is_private():
+        raise HEError("this context holds no secret key")
+    vectors = load_ciphertexts(ctx, blobs, n_values)
+    return np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])[:n_values]

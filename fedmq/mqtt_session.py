@@ -1,0 +1,180 @@
+"""A small paho-mqtt 2.x session shared by every role.
+
+Why a wrapper: every role needs the same things done the same way — MQTT 3.1.1
+(amqtt and RabbitMQ's plugin speak nothing newer), QoS 1, max_inflight set before
+connect, a last will, subscriptions restored after a reconnect, and incoming
+messages handed to the role's own thread through a queue so that long HE or
+training work never blocks paho's network loop (and its keep-alive pings).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+
+from fedmq import wire
+from fedmq.chunking import single, split
+from fedmq.config import BrokerEndpoint
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(ConnectionError):
+    pass
+
+
+@dataclass(frozen=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class MqttSession:
+    def __init__(self, endpoint: BrokerEndpoint, client_id: str, *,
+                 will: tuple[str, bytes] | None = None) -> None:
+        self.endpoint = endpoint
+        self.client_id = client_id
+        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._subs: dict[str, int] = {}
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._sub_mid: int | None = None
+        self._refused: str | None = None
+        self._lock = threading.Lock()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                        protocol=mqtt.MQTTv311, clean_session=True)
+        c.max_inflight_messages_set(endpoint.max_inflight)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        if endpoint.username:
+            pw = endpoint.password.get_secret_value() if endpoint.password else None
+            c.username_pw_set(endpoint.username, pw)
+        if endpoint.tls_ca:
+            c.tls_set(ca_certs=str(endpoint.tls_ca),
+                      certfile=str(endpoint.tls_cert) if endpoint.tls_cert else None,
+                      keyfile=str(endpoint.tls_key) if endpoint.tls_key else None)
+        if will:
+            c.will_set(will[0], will[1], qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
+        self.client = c
+
+    # ------------------------------------------------------------------ lifecycle
+    def connect(self) -> None:
+        ep = self.endpoint
+        try:
+            self.client.connect(ep.host, ep.port, keepalive=ep.keepalive)
+        except OSError as exc:
+            raise BrokerError(f"cannot reach broker {ep.host}:{ep.port}: {exc}") from None
+        self.client.loop_start()
+        deadline = time.monotonic() + ep.connect_timeout_s
+        # Wait for CONNACK *and* the SUBACK of the initial subscriptions, so nothing
+        # published right after connect() can race past our own subscriptions.
+        if not (self._connected.wait(ep.connect_timeout_s)
+                and self._subscribed.wait(max(deadline - time.monotonic(), 0.01))):
+            self.client.loop_stop()
+            reason = self._refused or f"no CONNACK/SUBACK within {ep.connect_timeout_s}s"
+            raise BrokerError(f"broker {ep.host}:{ep.port} refused {self.client_id!r}: {reason}")
+
+    def close(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # ------------------------------------------------------------------ callbacks (paho thread)
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            log.error("broker refused connection: %s", reason_code)
+            client.disconnect()
+            return
+        with self._lock:
+            subs = list(self._subs.items())
+        if subs:
+            _, self._sub_mid = client.subscribe(subs)
+        else:
+            self._subscribed.set()
+        self._connected.set()
+        log.debug("connected to %s:%s", self.endpoint.host, self.endpoint.port)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error("broker refused subscription(s): %s", ", ".join(failed))
+        if mid == self._sub_mid:
+            self._subscribed.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if reason_code != 0:
+            log.warning("lost broker connection (%s); paho reconnects with back-off", reason_code)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        self.bytes_received += len(msg.payload)
+        self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    # ------------------------------------------------------------------ API
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        with self._lock:
+            self._subs[topic] = qos
+        if self.connected:
+            result, _ = self.client.subscribe(topic, qos)
+            if result != mqtt.MQTT_ERR_SUCCESS:
+                raise BrokerError(f"subscribe {topic!r} failed: {mqtt.error_string(result)}")
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> mqtt.MQTTMessageInfo:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise BrokerError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
+        self.bytes_sent += len(payload)
+        return info
+
+    def send(self, topic: str, msg: object, *, task: str, rnd: int, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """Publish a one-chunk message body in an envelope."""
+        env = single(msg, task=task, rnd=rnd, sender=self.client_id)
+        return self.publish(topic, wire.encode_envelope(env), retain=retain)
+
+    def send_stream(self, topic_of, msg: object, *, task: str, rnd: int, chunk_size: int,
+                    retain: bool = False, delay_s: float = 0.0, timeout_s: float = 300.0,
+                    encoded: tuple[str, bytes] | None = None) -> int:
+        """Publish a (possibly large) body as chunks on ``topic_of(seq)`` and wait for
+        the broker's PUBACKs; returns the bytes published. Raises BrokerError if the
+        broker does not acknowledge (e.g. it dropped us for an oversize packet).
+        ``encoded`` passes a body already serialized by ``wire.encode_body``."""
+        kind, body = encoded or wire.encode_body(msg)
+        sent, infos = 0, []
+        for env in split(kind, task, rnd, self.client_id, body, chunk_size):
+            payload = wire.encode_envelope(env)
+            infos.append(self.publish(topic_of(env.seq), payload, retain=retain))
+            sent += len(payload)
+            if delay_s:
+                time.sleep(delay_s)
+        deadline = time.monotonic() + timeout_s
+        for info in infos:
+            remaining = deadline - time.monotonic()
+            try:
+                info.wait_for_publish(max(remaining, 0.01))
+            except (RuntimeError, ValueError) as exc:
+                raise BrokerError(f"chunk not accepted by the broker: {exc}") from None
+            if not info.is_published():
+                raise BrokerError(f"broker did not acknowledge chunk {info.mid} within {timeout_s}s "
+                                  "(is the chunk larger than the broker's max packet size?)")
+        return sent
+
+    def delete_retained(self, topic: str) -> None:
+        self.publish(topic, b"", retain=True)

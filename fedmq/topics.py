@@ -1,0 +1,128 @@
+"""MQTT topic layout of protocol v1.
+
+One place builds and parses topics so that every role, the ACL generator and the
+tests agree on them. Task and agent ids are restricted to ``[A-Za-z0-9_.-]`` so a
+topic level can never contain a wildcard or a separator.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ID_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
+_ID_RE = re.compile(rf"^{ID_PATTERN}$")
+
+
+def check_id(value: str, what: str) -> str:
+    if not _ID_RE.match(value):
+        raise ValueError(f"{what} {value!r} must match {ID_PATTERN}")
+    return value
+
+
+def round_start(task: str, rnd: int) -> str:
+    return f"rounds/{task}/{rnd}/start"
+
+
+def round_closed(task: str, rnd: int) -> str:
+    return f"rounds/{task}/{rnd}/closed"
+
+
+def round_result(task: str, rnd: int, seq: int) -> str:
+    return f"rounds/{task}/{rnd}/result/{seq}"
+
+
+def update_chunk(task: str, rnd: int, agent: str, seq: int) -> str:
+    return f"updates/{task}/{rnd}/{agent}/{seq}"
+
+
+def enroll(task: str, agent: str) -> str:
+    return f"enroll/{task}/{agent}"
+
+
+def agent_key(task: str, agent: str, seq: int) -> str:
+    return f"keys/{task}/agents/{agent}/{seq}"
+
+
+def public_context(task: str, seq: int) -> str:
+    return f"keys/{task}/public/{seq}"
+
+
+def agent_status(agent: str) -> str:
+    return f"agents/{agent}/status"
+
+
+def telemetry(agent: str) -> str:
+    return f"telemetry/{agent}"
+
+
+# Subscription filters.
+def all_round_starts(task: str) -> str:
+    return f"rounds/{task}/+/start"
+
+
+def all_round_closed(task: str) -> str:
+    return f"rounds/{task}/+/closed"
+
+
+def all_results(task: str) -> str:
+    return f"rounds/{task}/+/result/+"
+
+
+def all_updates(task: str) -> str:
+    return f"updates/{task}/+/+/+"
+
+
+def all_enrollments(task: str) -> str:
+    return f"enroll/{task}/+"
+
+
+def own_keys(task: str, agent: str) -> str:
+    return f"keys/{task}/agents/{agent}/+"
+
+
+def all_public_context(task: str) -> str:
+    return f"keys/{task}/public/+"
+
+
+ALL_STATUS = "agents/+/status"
+ALL_TELEMETRY = "telemetry/+"
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    """What a topic says about its message; the envelope must agree with it."""
+
+    family: str
+    task: str | None = None
+    round: int | None = None
+    agent: str | None = None
+    seq: int | None = None
+
+
+def parse(topic: str) -> TopicInfo:
+    """Parse a protocol topic; raises ValueError for a topic outside the layout."""
+    parts = topic.split("/")
+    try:
+        match parts:
+            case ["rounds", task, rnd, "start"]:
+                return TopicInfo("round_start", task, int(rnd))
+            case ["rounds", task, rnd, "closed"]:
+                return TopicInfo("round_closed", task, int(rnd))
+            case ["rounds", task, rnd, "result", seq]:
+                return TopicInfo("result", task, int(rnd), seq=int(seq))
+            case ["updates", task, rnd, agent, seq]:
+                return TopicInfo("update", task, int(rnd), agent, int(seq))
+            case ["enroll", task, agent]:
+                return TopicInfo("enroll", task, agent=agent)
+            case ["keys", task, "agents", agent, seq]:
+                return TopicInfo("key", task, agent=agent, seq=int(seq))
+            case ["keys", task, "public", seq]:
+                return TopicInfo("public_context", task, seq=int(seq))
+            case ["agents", agent, "status"]:
+                return TopicInfo("status", agent=agent)
+            case ["telemetry", agent]:
+                return TopicInfo("telemetry", agent=agent)
+    except ValueError as exc:
+        raise ValueError(f"topic {topic!r}: non-integer round or sequence") from exc
+    raise ValueError(f"topic {topic!r} is not part of protocol v1")

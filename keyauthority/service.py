@@ -1,0 +1,129 @@
+"""The key authority daemon.
+
+Trust model (seed 000, Appendix A): the key authority and the aggregator do not
+collude. The aggregator receives a context without any key; each agent that
+proves knowledge of its enrollment credential receives the secret context sealed
+to a fresh X25519 key of its own, so the broker relays it blind.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from fedmq import he, topics, wire
+from fedmq.config import KeyAuthorityConfig
+from fedmq.mqtt_session import MqttSession
+from fedmq.private_files import write_private
+from fedmq.sealing import SealedBox, agent_box_info, enrollment_proof, proof_matches, seal
+
+log = logging.getLogger("fedmq.keyauthority")
+
+
+class KeyAuthority:
+    def __init__(self, cfg: KeyAuthorityConfig) -> None:
+        self.cfg = cfg
+        self.ctx = self._load_or_create_context(Path(cfg.state_dir))
+        self.secret_blob = he.serialize_secret(self.ctx)
+        self.public_blob = he.serialize_public(self.ctx)
+        self.session = MqttSession(cfg.broker, cfg.authority_id)
+        self._seen_nonces: OrderedDict[bytes, float] = OrderedDict()
+        self.enrolled: set[str] = set()
+
+    def _load_or_create_context(self, state_dir: Path):
+        path = state_dir / "ckks_secret_context.bin"
+        if path.exists():
+            log.info("loaded the task's CKKS context from %s", path)
+            return he.load_context(path.read_bytes())
+        s = self.cfg.he
+        params = he.CkksParams(s.poly_modulus_degree, tuple(s.coeff_mod_bit_sizes), s.scale_bits)
+        ctx = he.create_secret_context(params)
+        write_private(path, he.serialize_secret(ctx))
+        log.info("generated a CKKS context (N=%d, q=%s bits, scale 2^%d) into %s",
+                 params.poly_modulus_degree, list(params.coeff_mod_bit_sizes), params.scale_bits, path)
+        return ctx
+
+    def start(self) -> None:
+        self.session.subscribe(topics.all_enrollments(self.cfg.task))
+        self.session.connect()
+        task = self.cfg.task
+        self.session.send_stream(lambda seq: topics.public_context(task, seq),
+                                 wire.PublicContext(context=self.public_blob), task=task, rnd=0,
+                                 chunk_size=self.cfg.chunk_size, retain=True)
+        log.info("published the public context (%d bytes, no keys) for task %s", len(self.public_blob), task)
+
+    def serve(self, stop=None) -> None:
+        while stop is None or not stop.is_set():
+            try:
+                msg = self.session.inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                self.handle(msg.topic, msg.payload)
+            except wire.WireError as exc:
+                log.warning("rejected message on %s: %s", msg.topic, exc)
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        info = topics.parse(topic) if topic.startswith("enroll/") else None
+        if info is None or info.family != "enroll":
+            raise wire.WireError("not an enrollment topic")
+        env = wire.decode_envelope(payload, max_bytes=4096)
+        wire.check_against_topic(env, info, task=self.cfg.task)
+        if env.total != 1 or wire.digest(env.body) != env.digest:
+            raise wire.WireError("enrollment must be one chunk with a matching digest")
+        req: wire.EnrollRequest = wire.decode_body(env.kind, env.body)
+        self._enroll(env, req)
+
+    def _enroll(self, env: wire.Envelope, req: wire.EnrollRequest) -> None:
+        agent, task = env.sender, self.cfg.task
+        if abs(time.time() - env.ts) > self.cfg.max_clock_skew_s:
+            raise wire.WireError(f"enrollment from {agent!r} is stale or from the future (ts {env.ts:.0f})")
+        if req.nonce in self._seen_nonces:
+            raise wire.WireError(f"replayed enrollment from {agent!r}")
+        self._remember(req.nonce)
+        credential = self.cfg.credentials.get(agent)
+        expected = enrollment_proof(credential.get_secret_value() if credential else "",
+                                    task, agent, req.public_key, req.nonce)
+        if credential is None or not proof_matches(expected, req.proof):
+            log.warning("refused enrollment of %r: unknown agent or wrong credential", agent)
+            self.session.send(topics.agent_key(task, agent, 0),
+                              wire.KeyRefused(request_nonce=req.nonce, reason="unknown agent or wrong credential"),
+                              task=task, rnd=0)
+            return
+        box: SealedBox = seal(req.public_key, self.secret_blob, agent_box_info(task, agent))
+        grant = wire.KeyGrant(request_nonce=req.nonce, ephemeral_key=box.ephemeral_key,
+                              aead_nonce=box.nonce, sealed_context=box.ciphertext)
+        self.session.send_stream(lambda seq: topics.agent_key(task, agent, seq), grant, task=task, rnd=0,
+                                 chunk_size=self.cfg.chunk_size)
+        self.enrolled.add(agent)
+        log.info("enrolled %s: secret context sealed to its X25519 key", agent)
+
+    def _remember(self, nonce: bytes) -> None:
+        now = time.time()
+        self._seen_nonces[nonce] = now
+        while self._seen_nonces:
+            oldest, seen = next(iter(self._seen_nonces.items()))
+            if now - seen <= 2 * self.cfg.max_clock_skew_s and len(self._seen_nonces) <= 100_000:
+                break
+            self._seen_nonces.popitem(last=False)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def run(cfg: KeyAuthorityConfig) -> None:
+    import signal
+    import threading
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    ka = KeyAuthority(cfg)
+    ka.start()
+    try:
+        ka.serve(stop)
+    finally:
+        ka.close()
