@@ -190,6 +190,7 @@ class Agent:
         log.info("%s: round %d result from %d agents decrypted; test accuracy %.4f",
                  self.id, rnd, len(result.participants), accuracy)
         self._publish_telemetry(rnd, clock, accuracy, len(done.body))
+        self.chunks.discard(keep=lambda key: key[0] != "result" or key[1] >= rnd)
         if self.parked and self.parked[1].model_version == rnd:
             prnd, start = self.parked
             self.parked = None

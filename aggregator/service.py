@@ -33,6 +33,7 @@ class Aggregator:
         self.chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes)
         self.ctx = None
         self.online: set[str] = set()
+        self.gone: set[str] = set()  # seen online once, now offline: not worth waiting for
         self.state: RoundState | None = None
         self.acc: list | None = None
         self.bytes_received = 0
@@ -97,7 +98,7 @@ class Aggregator:
         """Target reached, or quorum online for a whole grace period (stragglers
         of a simultaneous fleet start get their chance to enroll)."""
         n, c = len(self.online), self.cfg
-        if n >= max(c.target_agents, c.min_agents):
+        if n >= max(c.target_agents - len(self.gone), c.min_agents):
             return True
         if n < c.min_agents:
             self._quorum_online_since = None
@@ -141,10 +142,12 @@ class Aggregator:
         body: wire.AgentStatus = wire.decode_body(env.kind, env.body)
         if body.state == "online":
             self.online.add(env.sender)
+            self.gone.discard(env.sender)
             if self.state:
                 self.state.mark_online(env.sender)
         else:
             self.online.discard(env.sender)
+            self.gone.add(env.sender)
             if self.state:
                 self.state.mark_offline(env.sender)
         log.info("agent %s is %s (%d online)", env.sender, body.state, len(self.online))

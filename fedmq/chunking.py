@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from fedmq.wire import Envelope, WireError, digest
 
 StreamKey = tuple[str, int, str]  # kind, round, sender
+MAX_STREAMS_PER_SENDER = 4
 
 
 def split(kind: str, task: str, rnd: int, sender: str, body: bytes, chunk_size: int) -> list[Envelope]:
@@ -58,17 +59,20 @@ class Completed:
 
 
 class Reassembler:
-    """Collects chunk streams keyed by (kind, round, sender).
+    """Collects chunk streams keyed by (kind, round, sender) and digest.
 
-    One sender has at most one stream in progress per kind and round: a chunk
-    carrying a new digest means the sender restarted its upload, so the stale
-    partial stream is dropped (partial uploads never count).
+    A sender may have a few streams in progress per kind and round (a restarted
+    upload carries a new digest); the oldest is evicted beyond
+    ``MAX_STREAMS_PER_SENDER``. Keying by digest means a forged or corrupted chunk
+    starts a stream of its own and can never poison or evict a genuine upload.
+    The first stream to complete wins; the sender's other partial streams for that
+    kind and round are dropped (partial uploads never count).
     """
 
     def __init__(self, *, max_stream_bytes: int, max_streams: int = 10_000) -> None:
         self.max_stream_bytes = max_stream_bytes
         self.max_streams = max_streams
-        self._streams: dict[StreamKey, _Stream] = {}
+        self._streams: dict[tuple[StreamKey, bytes], _Stream] = {}
         self._done: dict[StreamKey, bytes] = {}
 
     def add(self, env: Envelope) -> Completed | None:
@@ -80,42 +84,46 @@ class Reassembler:
         key: StreamKey = (env.kind, env.round, env.sender)
         if self._done.get(key) == env.digest:
             raise WireError(f"duplicate chunk {env.seq}/{env.total}: stream already complete")
-        stream = self._streams.get(key)
-        if stream is not None and stream.digest != env.digest:
-            del self._streams[key]
-            stream = None
+        skey = (key, env.digest)
+        stream = self._streams.get(skey)
         if stream is None:
+            siblings = [k for k in self._streams if k[0] == key]
+            if len(siblings) >= MAX_STREAMS_PER_SENDER:
+                del self._streams[siblings[0]]  # dicts keep insertion order: oldest first
             if len(self._streams) >= self.max_streams:
                 raise WireError(f"too many streams in progress ({self.max_streams})")
-            stream = self._streams[key] = _Stream(digest=env.digest, total=env.total)
+            stream = self._streams[skey] = _Stream(digest=env.digest, total=env.total)
         if env.total != stream.total:
             raise WireError(f"chunk says total {env.total}, stream has total {stream.total}")
         if env.seq in stream.parts:
             raise WireError(f"duplicate chunk {env.seq}/{env.total}")
         if stream.size + len(env.body) > self.max_stream_bytes:
-            del self._streams[key]
+            del self._streams[skey]
             raise WireError(f"stream exceeds {self.max_stream_bytes} bytes: discarded")
         stream.parts[env.seq] = env.body
         stream.size += len(env.body)
         if len(stream.parts) < stream.total:
             return None
-        del self._streams[key]
+        del self._streams[skey]
         body = b"".join(stream.parts[i] for i in range(stream.total))
         if digest(body) != stream.digest:
             raise WireError("digest mismatch on the reassembled body: stream discarded")
+        for other in [k for k in self._streams if k[0] == key]:
+            del self._streams[other]
         self._done[key] = stream.digest
         return Completed(env.kind, env.round, env.sender, body, env)
 
     def missing(self, kind: str, rnd: int, sender: str) -> list[int] | None:
         """Chunk numbers still lacking in a stream in progress (None if no such stream)."""
-        stream = self._streams.get((kind, rnd, sender))
-        if stream is None:
+        streams = [st for k, st in self._streams.items() if k[0] == (kind, rnd, sender)]
+        if not streams:
             return None
+        stream = streams[-1]
         return [i for i in range(stream.total) if i not in stream.parts]
 
     def discard(self, keep: Callable[[StreamKey], bool]) -> int:
         """Drop streams (in progress or remembered as done) for which ``keep`` is false."""
-        dropped = [k for k in self._streams if not keep(k)]
+        dropped = [k for k in self._streams if not keep(k[0])]
         for k in dropped:
             del self._streams[k]
         for k in [k for k in self._done if not keep(k)]:
@@ -123,4 +131,4 @@ class Reassembler:
         return len(dropped)
 
     def pending(self) -> list[StreamKey]:
-        return list(self._streams)
+        return [k for k, _ in self._streams]

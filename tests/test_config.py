@@ -1,0 +1,57 @@
+import os
+import stat
+
+import pytest
+
+from fedmq import config
+from fedmq.private_files import is_private, write_private
+
+
+def test_valid_example_configs_load():
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    config.load(config.AgentConfig, os.path.join(root, "agent.yaml"))
+    config.load(config.AggregatorConfig, os.path.join(root, "aggregator.yaml"))
+    config.load(config.KeyAuthorityConfig, os.path.join(root, "keyauthority.yaml"))
+    config.load(config.BrokerServerConfig, os.path.join(root, "broker.yaml"))
+
+
+def test_error_names_file_key_and_expectation(tmp_path):
+    f = tmp_path / "agent.yaml"
+    f.write_text("agent_id: a1\ncredential: hunter2-secret\nbroker:\n  port: 70000\nchunk_size: tiny\n")
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(config.AgentConfig, f)
+    text = str(exc.value)
+    assert f"{f}: broker.port: Input should be less than or equal to 65535 (got 70000)" in text
+    assert f"{f}: chunk_size:" in text and "valid integer" in text
+    assert "hunter2" not in text
+
+
+def test_missing_required_and_unknown_keys(tmp_path):
+    f = tmp_path / "agent.yaml"
+    f.write_text("credential: x\nbrokr: {}\n")
+    text = str(pytest.raises(config.ConfigError, config.load, config.AgentConfig, f).value)
+    assert f"{f}: agent_id: Field required" in text
+    assert f"{f}: brokr: Extra inputs are not permitted" in text
+
+
+def test_secret_never_echoed_on_type_error(tmp_path):
+    f = tmp_path / "ka.yaml"
+    f.write_text("credentials:\n  agent-1: [not, a, string, s3cr3t]\n")
+    text = str(pytest.raises(config.ConfigError, config.load, config.KeyAuthorityConfig, f).value)
+    assert "credentials.agent-1" in text and "s3cr3t" not in text
+
+
+def test_unreadable_and_non_mapping(tmp_path):
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(config.AgentConfig, tmp_path / "nope.yaml")
+    f = tmp_path / "list.yaml"
+    f.write_text("- 1\n")
+    with pytest.raises(config.ConfigError, match="mapping"):
+        config.load(config.AgentConfig, f)
+
+
+def test_private_files_are_owner_only(tmp_path):
+    p = tmp_path / "keys" / "secret.bin"
+    write_private(p, b"k")
+    assert p.read_bytes() == b"k" and is_private(p)
+    assert stat.S_IMODE(p.parent.stat().st_mode) == 0o700

@@ -1,0 +1,80 @@
+import pytest
+
+from aggregator.round_state import Outcome, Rejected, RoundState
+
+
+def _round(selected=("a", "b", "c"), quorum=2, deadline=100.0):
+    return RoundState(round=1, model_version=0, selected=frozenset(selected), quorum=quorum, deadline=deadline)
+
+
+def test_early_close_when_everyone_reported():
+    st = _round()
+    for i, a in enumerate("abc"):
+        assert st.decide(10) is None
+        st.record(a, 10 * (i + 1), now=10)
+    d = st.decide(10)
+    assert d.outcome is Outcome.AGGREGATE and st.total_weight == 60
+
+
+def test_offline_agent_closes_round_early_and_reweights():
+    st = _round()
+    st.record("a", 30, now=1)
+    st.record("b", 10, now=1)
+    assert st.decide(2) is None
+    st.mark_offline("c")
+    d = st.decide(2)
+    assert d.outcome is Outcome.AGGREGATE
+    assert st.total_weight == 40 and st.dropped == ["c"]
+
+
+def test_reconnected_agent_is_waited_for_again():
+    st = _round()
+    st.record("a", 1, now=1)
+    st.record("b", 1, now=1)
+    st.mark_offline("c")
+    st.mark_online("c")
+    assert st.decide(2) is None
+
+
+def test_deadline_with_and_without_quorum():
+    st = _round()
+    st.record("a", 1, now=1)
+    assert st.decide(99) is None
+    assert st.decide(100).outcome is Outcome.ABORT
+    st.record("b", 1, now=50)
+    assert st.decide(100).outcome is Outcome.AGGREGATE
+
+
+def test_abort_early_when_quorum_unreachable():
+    st = _round(quorum=3)
+    st.record("a", 1, now=1)
+    st.mark_offline("b")
+    st.mark_offline("c")
+    assert st.decide(2).outcome is Outcome.ABORT
+
+
+@pytest.mark.parametrize("agent, now, closed, reason", [
+    ("z", 1, False, "not selected"),
+    ("a", 101, False, "after the deadline"),
+    ("a", 1, True, "closed"),
+])
+def test_rejections(agent, now, closed, reason):
+    st = _round()
+    st.closed = closed
+    with pytest.raises(Rejected, match=reason):
+        st.record(agent, 1, now=now)
+
+
+def test_duplicate_and_bad_weight():
+    st = _round()
+    st.record("a", 5, now=1)
+    with pytest.raises(Rejected, match="already contributed"):
+        st.record("a", 5, now=1)
+    with pytest.raises(Rejected, match="positive"):
+        st.record("b", 0, now=1)
+    assert st.weights == {"a": 5}
+
+
+def test_impossible_quorum():
+    with pytest.raises(ValueError):
+        _round(quorum=4)
