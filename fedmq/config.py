@@ -48,8 +48,8 @@ class BrokerEndpoint(_Section):
 
 class HeSettings(_Section):
     poly_modulus_degree: Literal[2048, 4096, 8192, 16384, 32768] = 4096
-    coeff_mod_bit_sizes: Annotated[list[Annotated[int, Field(ge=20, le=60)]], Field(min_length=2)] = [60, 49]
-    scale_bits: Annotated[int, Field(ge=20, le=58)] = 33
+    coeff_mod_bit_sizes: Annotated[list[Annotated[int, Field(ge=20, le=60)]], Field(min_length=2)] = [54, 55]
+    scale_bits: Annotated[int, Field(ge=20, le=58)] = 30
 
 
 class ModelSettings(_Section):

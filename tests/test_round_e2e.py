@@ -9,7 +9,7 @@ from tests.conftest import decrypted_average, plaintext_fedavg
 pytestmark = pytest.mark.slow
 
 # CKKS bound asserted on the averaged weights: 1e-6 absolute. With N=4096,
-# q=[60,49], scale 2^33 the measured error is ~1e-10 (see the closing note).
+# q=[54,55], scale 2^30 the measured error is ~1e-9 (see the closing note).
 CKKS_BOUND = 1e-6
 
 
