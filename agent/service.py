@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmq import he, topics, wire
+from fedmq import he, masking, topics, wire
 from fedmq.chunking import Reassembler, single
 from fedmq.config import AgentConfig
 from fedmq.mqtt_session import Inbound, MqttSession
@@ -48,6 +48,8 @@ class Agent:
         self.models: dict[int, np.ndarray] = {}  # model version -> global weights
         self.latest_version = -1
         self.parked: tuple[int, wire.RoundStart] | None = None
+        self.sensitivity: dict[int, np.ndarray] = {}  # sensitivity round -> decrypted aggregate map
+        self.masks: dict[bytes, np.ndarray] = {}  # mask digest -> mask
         self.handled_rounds: set[int] = set()
         self.clocks: dict[int, PhaseClock] = {}
         self.sent_bytes: dict[int, int] = {}
@@ -154,23 +156,36 @@ class Agent:
         if self.id not in start.selected:
             log.info("%s: not selected for round %d", self.id, rnd)
             self.handled_rounds.add(rnd)
+            self._mask_for(start)  # still learn the mask, to rebuild the model from the result
             return
         if time.time() > start.deadline:
             log.info("%s: round %d is past its deadline; skipping", self.id, rnd)
             self.handled_rounds.add(rnd)
             return
-        if start.model_version not in self.models and start.model_version != 0:
-            log.info("%s: round %d builds on model %d, waiting for that result", self.id, rnd, start.model_version)
+        if not self._ready_for(start):
+            log.info("%s: round %d waits for model %d / mask round %d", self.id, rnd,
+                     start.model_version, start.mask_round)
             self.parked = (rnd, start)
             return
+        self._run_round(rnd, start)
+
+    def _ready_for(self, start: wire.RoundStart) -> bool:
+        has_model = start.model_version == 0 or start.model_version in self.models
+        has_mask = start.purpose == "sensitivity" or self._mask_for(start) is not None
+        return has_model and has_mask
+
+    def _run_round(self, rnd: int, start: wire.RoundStart) -> None:
         self.handled_rounds.add(rnd)
         try:
-            self._participate(rnd, start)
+            if start.purpose == "sensitivity":
+                self._send_sensitivity(rnd, start)
+            else:
+                self._participate(rnd, start)
         except Exception as exc:  # one failed round must not kill the daemon
             log.exception("%s: round %d failed: %s", self.id, rnd, exc)
 
     def _on_result_chunk(self, env: wire.Envelope) -> None:
-        if env.round <= self.latest_version:
+        if env.round <= self.latest_version or env.round in self.sensitivity:
             return
         done = self.chunks.add(env)
         if done is None:
@@ -180,22 +195,58 @@ class Agent:
         clock = self.clocks.setdefault(rnd, PhaseClock())
         trainer = self._trainer()
         with clock.phase("decrypt"):
-            summed = he.decrypt(self.ctx, result.ciphertexts, result.n_params)
-        weights = summed / result.total_weight
-        with clock.phase("evaluate"):
-            accuracy = trainer.evaluate(weights)
-        self.models = {rnd: weights}
-        self.latest_version = rnd
-        self.last_accuracy = accuracy
-        log.info("%s: round %d result from %d agents decrypted; test accuracy %.4f",
-                 self.id, rnd, len(result.participants), accuracy)
+            summed = he.decrypt(self.ctx, result.ciphertexts, result.n_encrypted) if result.n_encrypted else \
+                np.zeros(0)
+        encrypted_part = summed / result.total_weight
+        accuracy = None
+        if result.purpose == "sensitivity":
+            self.sensitivity[rnd] = encrypted_part
+            log.info("%s: aggregated sensitivity map of round %d decrypted (%d agents)",
+                     self.id, rnd, len(result.participants))
+        else:
+            mask = self._mask_of_result(result)
+            plain = np.frombuffer(result.plain_avg, dtype="<f4").astype(np.float64)
+            weights = masking.merge(encrypted_part, plain, mask)
+            with clock.phase("evaluate"):
+                accuracy = trainer.evaluate(weights)
+            self.models = {rnd: weights}
+            self.latest_version = rnd
+            self.last_accuracy = accuracy
+            log.info("%s: round %d result from %d agents decrypted; test accuracy %.4f",
+                     self.id, rnd, len(result.participants), accuracy)
         self._publish_telemetry(rnd, clock, accuracy, len(done.body))
         self.chunks.discard(keep=lambda key: key[0] != "result" or key[1] >= rnd)
-        if self.parked and self.parked[1].model_version == rnd:
+        if self.parked and self._ready_for(self.parked[1]):
             prnd, start = self.parked
             self.parked = None
-            self.handled_rounds.add(prnd)
-            self._participate(prnd, start)
+            self._run_round(prnd, start)
+
+    def _mask_of_result(self, result: wire.Result) -> np.ndarray:
+        if result.n_encrypted in (0, result.n_params):
+            return np.full(result.n_params, result.n_encrypted == result.n_params)
+        mask = self.masks.get(result.mask_digest or b"")
+        if mask is None:
+            raise wire.WireError("result was split by a mask this agent cannot derive")
+        return mask
+
+    def _mask_for(self, start: wire.RoundStart) -> np.ndarray | None:
+        """This task's mask, or None while the agreement it depends on is pending."""
+        prot = start.protection
+        trainer = self._trainer()
+        n = trainer.n_params
+        mask = masking.full_mask(n, prot.p)
+        if mask is not None:
+            return mask
+        forced = masking.first_last_layers(trainer.layer_sizes()) if prot.include_first_last else None
+        if prot.mode == "random":
+            mask = masking.random_mask(n, prot.p, prot.seed, forced)
+        else:
+            scores = self.sensitivity.get(start.mask_round)
+            if scores is None:
+                return None
+            mask = masking.top_p_mask(scores, prot.p, forced)
+        self.masks.setdefault(masking.mask_digest(mask), mask)
+        return mask
 
     # ------------------------------------------------------------------ a round
     def _trainer(self):
@@ -215,19 +266,53 @@ class Agent:
         clock = self.clocks.setdefault(rnd, PhaseClock())
         trainer = self._trainer()
         base = self._base_weights(start.model_version)
+        prot = start.protection
+        mask = self._mask_for(start)
+        digest = masking.mask_digest(mask) if 0.0 < prot.p < 1.0 else None
+        if start.mask_digest is not None and digest != start.mask_digest:
+            log.error("%s: my mask (digest %s) differs from the task's (%s); not uploading a round-%d update "
+                      "that would be rejected", self.id, digest.hex()[:16] if digest else None,
+                      start.mask_digest.hex()[:16], rnd)
+            return
         with clock.phase("train"):
             weights = trainer.train(base, rnd)
         n = trainer.num_samples
-        scaled = weights * n
-        params = he.params_of(self.ctx)
-        if np.abs(scaled).max() * len(start.selected) >= params.headroom:
-            raise he.HEError(f"n*w reaches {np.abs(scaled).max():.3g}; with {len(start.selected)} agents the "
-                             f"sum could exceed the CKKS head-room {params.headroom:.3g}: lower scale_bits")
+        secret, plain = masking.split(weights, mask)
         with clock.phase("encrypt"):
-            ciphertexts = he.encrypt(self.ctx, scaled)
+            ciphertexts = self._encrypt_weighted(secret, n, len(start.selected))
         if self.cfg.faults.oracle_dir is not None:
-            self._dump_oracle(rnd, weights, n)
-        update = wire.Update(num_samples=n, n_params=weights.size, ciphertexts=ciphertexts)
+            self._dump_oracle(f"round{rnd}", weights=weights, num_samples=n, mask=mask)
+        self._upload(rnd, clock, wire.Update(
+            num_samples=n, n_params=weights.size, n_encrypted=int(mask.sum()), ciphertexts=ciphertexts,
+            plain=plain.astype(np.dtype(prot.plain_dtype).newbyteorder("<")).tobytes(),
+            plain_dtype=prot.plain_dtype, mask_digest=digest))
+
+    def _send_sensitivity(self, rnd: int, start: wire.RoundStart) -> None:
+        """Step 1 of the mask agreement: our sensitivity map, encrypted, weighted by our samples."""
+        clock = self.clocks.setdefault(rnd, PhaseClock())
+        trainer = self._trainer()
+        base = self._base_weights(start.model_version)
+        with clock.phase("sensitivity"):
+            scores = trainer.sensitivity(base, self.cfg.train.sensitivity_samples)
+        n = trainer.num_samples
+        if self.cfg.faults.oracle_dir is not None:
+            self._dump_oracle(f"round{rnd}-sensitivity", scores=scores, num_samples=n)
+        with clock.phase("encrypt"):
+            ciphertexts = self._encrypt_weighted(scores, n, len(start.selected))
+        self._upload(rnd, clock, wire.Update(num_samples=n, n_params=scores.size, n_encrypted=scores.size,
+                                             ciphertexts=ciphertexts))
+
+    def _encrypt_weighted(self, values: np.ndarray, n: int, n_agents: int) -> list[bytes]:
+        if values.size == 0:
+            return []
+        scaled = values * n
+        headroom = he.params_of(self.ctx).headroom
+        if np.abs(scaled).max() * n_agents >= headroom:
+            raise he.HEError(f"n*w reaches {np.abs(scaled).max():.3g}; with {n_agents} agents the sum could "
+                             f"exceed the CKKS head-room {headroom:.3g}: lower scale_bits")
+        return he.encrypt(self.ctx, scaled)
+
+    def _upload(self, rnd: int, clock: PhaseClock, update: wire.Update) -> None:
         with clock.phase("serialize"):
             encoded = wire.encode_body(update)
         with clock.phase("upload"):
@@ -235,16 +320,17 @@ class Agent:
                 lambda seq: topics.update_chunk(self.task, rnd, self.id, seq), None, task=self.task, rnd=rnd,
                 chunk_size=self.cfg.chunk_size, delay_s=self.cfg.faults.chunk_delay_s, encoded=encoded)
         self.sent_bytes[rnd] = sent
-        log.info("%s: round %d update sent: %d samples, %d ciphertexts, %d bytes",
-                 self.id, rnd, n, len(ciphertexts), sent)
+        log.info("%s: round %d update sent: %d samples, %d/%d values encrypted in %d ciphertexts, %d bytes",
+                 self.id, rnd, update.num_samples, update.n_encrypted, update.n_params,
+                 len(update.ciphertexts), sent)
 
-    def _dump_oracle(self, rnd: int, weights: np.ndarray, n: int) -> None:
-        """Test-only: the plaintext update, for checking the encrypted aggregate exactly."""
+    def _dump_oracle(self, name: str, **arrays) -> None:
+        """Test-only: what we protected, in the clear, for checking encrypted aggregates exactly."""
         out = Path(self.cfg.faults.oracle_dir)
         out.mkdir(parents=True, exist_ok=True)
-        np.savez(out / f"{self.id}-round{rnd}.npz", weights=weights, num_samples=n)
+        np.savez(out / f"{self.id}-{name}.npz", **arrays)
 
-    def _publish_telemetry(self, rnd: int, clock: PhaseClock, accuracy: float, received: int) -> None:
+    def _publish_telemetry(self, rnd: int, clock: PhaseClock, accuracy: float | None, received: int) -> None:
         peak = max(clock.peak_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         tele = wire.Telemetry(phases=clock.phases, bytes_sent=self.sent_bytes.pop(rnd, 0), bytes_received=received,
                               peak_rss=peak, num_samples=self._trainer().num_samples, accuracy=accuracy)

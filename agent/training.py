@@ -106,6 +106,19 @@ class DigitsTrainer:
                 progress.update(1)
         return self.weights()
 
+    def sensitivity(self, weights: np.ndarray, samples: int) -> np.ndarray:
+        """Sensitivity map of the given model on the first ``samples`` local samples."""
+        from agent.sensitivity import sensitivity_map
+
+        self.load(weights)
+        k = min(samples, len(self._y))
+        return sensitivity_map(self.model, self._x[:k], self._y[:k])
+
+    def layer_sizes(self) -> list[int]:
+        from agent.sensitivity import layer_sizes
+
+        return layer_sizes(self.model)
+
     @torch.no_grad()
     def evaluate(self, weights: np.ndarray) -> float:
         self.load(weights)

@@ -35,6 +35,7 @@ class RoundState:
     selected: frozenset[str]
     quorum: int
     deadline: float
+    purpose: str = "train"  # or "sensitivity": the encrypted mask agreement
     weights: dict[str, int] = field(default_factory=dict)
     offline: set[str] = field(default_factory=set)
     closed: bool = False

@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from fedmq import he, topics, wire
 from fedmq.chunking import Reassembler
 from fedmq.config import AggregatorConfig
@@ -36,6 +38,11 @@ class Aggregator:
         self.gone: set[str] = set()  # seen online once, now offline: not worth waiting for
         self.state: RoundState | None = None
         self.acc: list | None = None
+        self.plain_acc: np.ndarray | None = None
+        self.n_encrypted: int | None = None  # layout of the open round, set by its first update
+        self.protection = cfg.protection
+        self.mask_round = 0  # the sensitivity round whose sum defines the task's mask
+        self.mask_digest: bytes | None = None
         self.bytes_received = 0
         self.agg_s = 0.0
         self.n_params: int | None = None
@@ -51,11 +58,17 @@ class Aggregator:
             saved = json.loads(self._state_file.read_text())
             self.next_round, self.model_version = saved["next_round"], saved["model_version"]
             self.n_params = saved.get("n_params")
+            if saved.get("protection") == _protection_key(self.protection):
+                self.mask_round = saved.get("mask_round", 0)
+                digest = saved.get("mask_digest")
+                self.mask_digest = bytes.fromhex(digest) if digest else None
             log.info("resuming at round %d (model version %d)", self.next_round, self.model_version)
 
     def _persist(self) -> None:
         write_private(self._state_file, json.dumps({
             "next_round": self.next_round, "model_version": self.model_version, "n_params": self.n_params,
+            "protection": _protection_key(self.protection), "mask_round": self.mask_round,
+            "mask_digest": self.mask_digest.hex() if self.mask_digest else None,
         }).encode())
 
     # ------------------------------------------------------------------ main loop
@@ -73,12 +86,17 @@ class Aggregator:
             if not self._pump(stop, until=self._enough_online, timeout=self.cfg.wait_for_agents_s):
                 log.warning("only %d agent(s) online, need %d; still waiting", len(self.online), self.cfg.min_agents)
                 continue
-            self._open_round()
+            purpose = "sensitivity" if self._needs_mask_agreement() else "train"
+            self._open_round(purpose)
             self._pump(stop, until=self._closable)
             if stop.is_set():
                 break
-            self._close_round(self.state.decide(time.time()))
-            rounds_done += 1
+            outcome = self._close_round(self.state.decide(time.time()))
+            if purpose == "train":
+                rounds_done += 1
+            elif outcome is Outcome.AGGREGATE:
+                self.mask_round = self.state.round
+                self._persist()
         log.info("aggregator done after %d round(s)", rounds_done)
 
     def _pump(self, stop: threading.Event, until, timeout: float | None = None) -> bool:
@@ -93,6 +111,10 @@ class Aggregator:
                 continue
             self.dispatch(msg)
         return True
+
+    def _needs_mask_agreement(self) -> bool:
+        prot = self.protection
+        return prot.mode == "sensitivity" and 0.0 < prot.p < 1.0 and self.mask_round == 0
 
     def _enough_online(self) -> bool:
         """Target reached, or quorum online for a whole grace period (stragglers
@@ -161,34 +183,69 @@ class Aggregator:
         if done is None:
             return
         update: wire.Update = wire.decode_body(done.kind, done.body)
-        if self.n_params is not None and update.n_params != self.n_params:
-            raise Rejected(f"update packs {update.n_params} parameters; the model has {self.n_params}")
+        plain = self._check_layout(st, update)
         t0 = time.perf_counter()
-        vectors = he.load_ciphertexts(self.ctx, update.ciphertexts, update.n_params)
+        vectors = he.load_ciphertexts(self.ctx, update.ciphertexts, update.n_encrypted)
         st.record(env.sender, update.num_samples, time.time())
         self.acc = he.add_into(self.acc, vectors)
+        weighted = plain.astype(np.float64) * update.num_samples
+        self.plain_acc = weighted if self.plain_acc is None else self.plain_acc + weighted
         self.agg_s += time.perf_counter() - t0
-        self.n_params = update.n_params
+        self.n_params, self.n_encrypted = update.n_params, update.n_encrypted
+        if st.purpose == "train" and self.mask_digest is None and update.mask_digest is not None:
+            self.mask_digest = update.mask_digest
+            log.info("task mask fixed by the first verified update: digest %s", update.mask_digest.hex()[:16])
         self.bytes_received += len(done.body)
         log.info("round %d: folded %s's update (%d samples, %d bytes); %d/%d reported",
                  st.round, env.sender, update.num_samples, len(done.body), len(st.weights), len(st.selected))
 
+    def _check_layout(self, st: RoundState, update: wire.Update) -> np.ndarray:
+        """Reject an update whose packing or mask does not fit the task; returns its plaintext part."""
+        if self.n_params is not None and update.n_params != self.n_params:
+            raise Rejected(f"update packs {update.n_params} parameters; the model has {self.n_params}")
+        if update.n_encrypted > update.n_params:
+            raise Rejected(f"{update.n_encrypted} encrypted values exceed the {update.n_params} parameters")
+        prot = self.protection
+        if st.purpose == "sensitivity":
+            if update.n_encrypted != update.n_params:
+                raise Rejected("a sensitivity map must travel fully encrypted")
+        else:
+            if prot.p in (0.0, 1.0) and update.n_encrypted != round(prot.p * update.n_params):
+                raise Rejected(f"{update.n_encrypted} encrypted values where p={prot.p} means "
+                               f"{round(prot.p * update.n_params)}")
+            if self.mask_digest is not None and update.mask_digest != self.mask_digest:
+                got = update.mask_digest.hex()[:16] if update.mask_digest else "none"
+                raise Rejected(f"mask digest {got} differs from the task's mask {self.mask_digest.hex()[:16]}")
+            if update.plain_dtype != prot.plain_dtype:
+                raise Rejected(f"plaintext part is {update.plain_dtype}; the task sends {prot.plain_dtype}")
+        if self.n_encrypted is not None and update.n_encrypted != self.n_encrypted:
+            raise Rejected(f"{update.n_encrypted} encrypted values; this round's updates have {self.n_encrypted}")
+        dtype = np.dtype(update.plain_dtype).newbyteorder("<")
+        expected = (update.n_params - update.n_encrypted) * dtype.itemsize
+        if len(update.plain) != expected:
+            raise Rejected(f"wrong packing length: plaintext part has {len(update.plain)} bytes, "
+                           f"expected {expected}")
+        plain = np.frombuffer(update.plain, dtype=dtype)
+        if not np.isfinite(plain).all():
+            raise Rejected("plaintext part holds NaN or infinity")
+        return plain
+
     # ------------------------------------------------------------------ rounds
-    def _open_round(self) -> None:
+    def _open_round(self, purpose: str = "train") -> None:
         rnd = self.next_round
         selected = sorted(self.online)[: self.cfg.max_agents]
         quorum = min(self.cfg.min_agents, len(selected))
         deadline = time.time() + self.cfg.round_timeout_s
-        self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline)
-        self.acc, self.bytes_received, self.agg_s = None, 0, 0.0
-        self.session.send(topics.round_start(self.task, rnd),
-                          wire.RoundStart(model_version=self.model_version, deadline=deadline,
-                                          selected=selected, quorum=quorum),
-                          task=self.task, rnd=rnd, retain=True)
-        log.info("round %d open: %d agents selected, quorum %d, deadline in %.0fs",
-                 rnd, len(selected), quorum, self.cfg.round_timeout_s)
+        self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline, purpose=purpose)
+        self.acc, self.plain_acc, self.n_encrypted, self.bytes_received, self.agg_s = None, None, None, 0, 0.0
+        start = wire.RoundStart(model_version=self.model_version, deadline=deadline, selected=selected,
+                                quorum=quorum, purpose=purpose, protection=self.protection,
+                                mask_round=self.mask_round, mask_digest=self.mask_digest)
+        self.session.send(topics.round_start(self.task, rnd), start, task=self.task, rnd=rnd, retain=True)
+        log.info("round %d (%s) open: %d agents selected, quorum %d, deadline in %.0fs, p=%s",
+                 rnd, purpose, len(selected), quorum, self.cfg.round_timeout_s, self.protection.p)
 
-    def _close_round(self, decision: Decision) -> None:
+    def _close_round(self, decision: Decision) -> Outcome:
         st = self.state
         st.closed = True
         dropped_partials = self.chunks.discard(keep=lambda key: key[1] > st.round)
@@ -196,12 +253,16 @@ class Aggregator:
         if decision.outcome is Outcome.AGGREGATE:
             t0 = time.perf_counter()
             blobs = he.serialize_all(self.acc)
+            plain_avg = (self.plain_acc / st.total_weight).astype("<f4").tobytes()
             self.agg_s += time.perf_counter() - t0
             result = wire.Result(participants=participants, total_weight=st.total_weight,
-                                 n_params=self.n_params, ciphertexts=blobs)
+                                 n_params=self.n_params, n_encrypted=self.n_encrypted, ciphertexts=blobs,
+                                 plain_avg=plain_avg, purpose=st.purpose,
+                                 mask_digest=self.mask_digest if st.purpose == "train" else None)
             self.session.send_stream(lambda seq: topics.round_result(self.task, st.round, seq), result,
                                      task=self.task, rnd=st.round, chunk_size=self.cfg.chunk_size, retain=True)
-            self.model_version = st.round
+            if st.purpose == "train":
+                self.model_version = st.round
         closed = wire.RoundClosed(status=decision.outcome.value, participants=participants, dropped=st.dropped,
                                   reason=decision.reason, total_weight=st.total_weight,
                                   bytes_received=self.bytes_received, agg_s=self.agg_s)
@@ -210,9 +271,14 @@ class Aggregator:
         log.info("round %d %s: %s; participants %s, dropped %s, %d partial upload(s) discarded, agg %.3fs",
                  st.round, decision.outcome.value, decision.reason, participants, st.dropped,
                  dropped_partials, self.agg_s)
-        self.acc = None  # free the sum: O(model) memory per open round only
+        self.acc = self.plain_acc = None  # free the sums: O(model) memory per open round only
         self.next_round = st.round + 1
         self._persist()
+        return decision.outcome
+
+
+def _protection_key(prot: wire.Protection) -> list:
+    return [prot.p, prot.mode, prot.include_first_last, prot.seed, prot.plain_dtype]
 
 
 def run(cfg: AggregatorConfig) -> None:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError
 
 from fedmq.topics import ID_PATTERN
+from fedmq.wire import Protection
 
 Id = Annotated[str, StringConstraints(pattern=rf"^{ID_PATTERN}$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -71,6 +72,7 @@ class TrainSettings(_Section):
     batch_size: Annotated[int, Field(ge=1)] = 32
     lr: Annotated[float, Field(gt=0)] = 0.1
     torch_threads: Annotated[int, Field(ge=1)] = 1
+    sensitivity_samples: Annotated[int, Field(ge=1)] = 64  # K of the sensitivity map
 
 
 class FaultSettings(_Section):
@@ -109,6 +111,9 @@ class AggregatorConfig(_Section):
     round_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     wait_for_agents_s: Annotated[float, Field(gt=0)] = 120.0
     chunk_size: Annotated[int, Field(ge=1 * KiB, le=64 * 1024 * KiB)] = 256 * KiB
+    # Selective Parameter Encryption: p (0 plaintext .. 1 full), mode sensitivity|random,
+    # include_first_last, seed (random mode), plain_dtype float32|float16.
+    protection: Protection = Protection()
     max_message_bytes: Annotated[int, Field(ge=2 * KiB)] = 1024 * KiB
     max_update_bytes: Annotated[int, Field(ge=1 * KiB)] = 2 * 1024 * 1024 * KiB
 

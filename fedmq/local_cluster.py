@@ -65,6 +65,7 @@ class Cluster:
     round_timeout_s: float = 60.0
     selection_grace_s: float = 30.0
     target_agents: int | None = None  # default: every agent
+    protection: wire.Protection = field(default_factory=wire.Protection)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     agent_overrides: dict[str, dict] = field(default_factory=dict)
 
@@ -85,7 +86,7 @@ class Cluster:
         self._write("aggregator", cfgmod.AggregatorConfig(
             task=TASK, broker=endpoint, state_dir=self.workdir / "state/aggregator", rounds=self.rounds,
             min_agents=min_agents, target_agents=self.target_agents or self.n_agents, selection_grace_s=self.selection_grace_s,
-            round_timeout_s=self.round_timeout_s, chunk_size=self.chunk_size))
+            round_timeout_s=self.round_timeout_s, chunk_size=self.chunk_size, protection=self.protection))
         for i, a in enumerate(self.agent_ids):
             raw = dict(agent_id=a, credential=creds[a], task=TASK, broker=endpoint,
                        state_dir=self.workdir / f"state/{a}", chunk_size=self.chunk_size,

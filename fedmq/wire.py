@@ -143,14 +143,42 @@ def check_against_topic(env: Envelope, info: TopicInfo, *, task: str) -> None:
 # --------------------------------------------------------------------------- bodies
 
 
+PlainDtype = Literal["float32", "float16"]
+Purpose = Literal["train", "sensitivity"]
+
+
+@message(config=_STRICT)
+class Protection:
+    """How updates of a task are protected: the Selective Parameter Encryption knob.
+
+    ``p`` is the encrypted fraction (0: plaintext, 1: full encryption); ``mode``
+    picks parameters by aggregated sensitivity or at random (for comparison).
+    """
+
+    p: Annotated[float, Strict(), Field(ge=0, le=1)] = 1.0
+    mode: Literal["sensitivity", "random"] = "sensitivity"
+    include_first_last: Annotated[bool, Strict()] = False
+    seed: Int = 0
+    plain_dtype: PlainDtype = "float32"
+
+
 @message(config=_STRICT)
 class RoundStart:
-    """Announces a round; retained so that an agent that (re)connects late sees it."""
+    """Announces a round; retained so that an agent that (re)connects late sees it.
+
+    A ``sensitivity`` round collects encrypted sensitivity maps for the mask
+    agreement; ``mask_round`` names the round whose encrypted sum defines the mask
+    of a ``train`` round (0: the mask needs no agreement).
+    """
 
     model_version: NonNegInt
     deadline: FiniteFloat
     selected: _list(Id, min_length=1, max_length=100_000)
     quorum: PosInt
+    purpose: Purpose = "train"
+    protection: Protection = Protection()
+    mask_round: NonNegInt = 0
+    mask_digest: Digest | None = None
 
 
 @message(config=_STRICT)
@@ -166,23 +194,37 @@ class RoundClosed:
 
 @message(config=_STRICT)
 class Update:
-    """An agent's protected update: CKKS ciphertexts of ``num_samples * weights``.
+    """An agent's protected update.
 
-    Pre-multiplying by the integer sample count on the agent keeps the server's
-    weighted FedAvg addition-only, which is what lets the CKKS parameters stay small.
+    The ``n_encrypted`` masked values travel as CKKS ciphertexts of
+    ``num_samples * value`` — pre-multiplying by the integer sample count keeps the
+    server's weighted FedAvg addition-only, which lets the CKKS parameters stay
+    small. The other values travel in ``plain`` (little-endian ``plain_dtype``),
+    weighted by the server. ``mask_digest`` identifies the mask they were split by.
     """
 
     num_samples: PosInt
     n_params: PosInt
-    ciphertexts: _list(Bytes, min_length=1)
+    n_encrypted: NonNegInt
+    ciphertexts: _list(Bytes)
+    plain: Bytes = b""
+    plain_dtype: PlainDtype = "float32"
+    mask_digest: Digest | None = None
 
 
 @message(config=_STRICT)
 class Result:
+    """``ciphertexts``: sum of ``n_i * masked values``; ``plain_avg``: the weighted
+    average of the plaintext part (float32), already divided by ``total_weight``."""
+
     participants: _list(Id, min_length=1)
     total_weight: PosInt
     n_params: PosInt
-    ciphertexts: _list(Bytes, min_length=1)
+    n_encrypted: NonNegInt
+    ciphertexts: _list(Bytes)
+    plain_avg: Bytes = b""
+    purpose: Purpose = "train"
+    mask_digest: Digest | None = None
 
 
 @message(config=_STRICT)

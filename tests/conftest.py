@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedmq import config as cfgmod
-from fedmq import he
+from fedmq import he, masking, wire
 from fedmq.local_cluster import Cluster, Observer, free_port
 
 
@@ -17,9 +17,11 @@ from fedmq.local_cluster import Cluster, Observer, free_port
 def running_cluster(tmp_path: Path, *, n_agents: int, rounds: int, port: int | None = None,
                     embedded_broker: bool = True, overrides: dict | None = None, chunk_size: int = 16 * 1024,
                     min_agents: int = 2, watch: str | None = None, round_timeout_s: float = 60.0,
-                    slow_agents: dict[str, float] | None = None, target_agents: int | None = None):
+                    slow_agents: dict[str, float] | None = None, target_agents: int | None = None,
+                    protection: wire.Protection | None = None):
     cluster = Cluster(workdir=tmp_path, port=port or free_port(), n_agents=n_agents, rounds=rounds,
-                      chunk_size=chunk_size, round_timeout_s=round_timeout_s, target_agents=target_agents)
+                      chunk_size=chunk_size, round_timeout_s=round_timeout_s, target_agents=target_agents,
+                      protection=protection or wire.Protection())
     oracle = tmp_path / "oracle"
     for a in cluster.agent_ids:
         delay = (slow_agents or {}).get(a, 0.0)
@@ -43,14 +45,28 @@ def secret_context(cluster: Cluster):
     return he.load_context((cluster.workdir / "state/keyauthority/ckks_secret_context.bin").read_bytes())
 
 
-def plaintext_fedavg(cluster: Cluster, rnd: int, agents: list[str]) -> tuple[np.ndarray, int]:
-    dumps = [np.load(cluster.workdir / "oracle" / f"{a}-round{rnd}.npz") for a in agents]
+def oracle(cluster: Cluster, agent: str, name: str):
+    return np.load(cluster.workdir / "oracle" / f"{agent}-{name}.npz")
+
+
+def plaintext_fedavg(cluster: Cluster, rnd: int, agents: list[str], key: str = "weights",
+                     name: str | None = None) -> tuple[np.ndarray, int]:
+    dumps = [oracle(cluster, a, name or f"round{rnd}") for a in agents]
     total = sum(int(d["num_samples"]) for d in dumps)
-    return sum(d["weights"] * int(d["num_samples"]) for d in dumps) / total, total
+    return sum(d[key] * int(d["num_samples"]) for d in dumps) / total, total
 
 
-def decrypted_average(cluster: Cluster, result) -> np.ndarray:
-    return he.decrypt(secret_context(cluster), result.ciphertexts, result.n_params) / result.total_weight
+def decrypted_average(cluster: Cluster, result, mask: np.ndarray | None = None) -> np.ndarray:
+    """The global model from an encrypted result, as an agent rebuilds it."""
+    enc = np.zeros(0)
+    if result.n_encrypted:
+        enc = he.decrypt(secret_context(cluster), result.ciphertexts, result.n_encrypted) / result.total_weight
+    if result.n_encrypted == result.n_params:
+        return enc
+    plain = np.frombuffer(result.plain_avg, dtype="<f4").astype(np.float64)
+    if mask is None:
+        mask = np.zeros(result.n_params, dtype=bool)
+    return masking.merge(enc, plain, mask)
 
 
 @pytest.fixture

@@ -72,12 +72,17 @@ def test_oversize_rejected_before_parsing():
 
 
 def test_body_validation():
-    kind, body = wire.encode_body(wire.Update(num_samples=3, n_params=2, ciphertexts=[b"c"]))
+    kind, body = wire.encode_body(wire.Update(num_samples=3, n_params=2, n_encrypted=2, ciphertexts=[b"c"]))
     assert wire.decode_body(kind, body).num_samples == 3
-    bad = msgpack.packb({"num_samples": "3", "n_params": 2, "ciphertexts": [b"c"]}, use_bin_type=True)
+    good = {"num_samples": 3, "n_params": 2, "n_encrypted": 2, "ciphertexts": [b"c"]}
+    bad = msgpack.packb({**good, "num_samples": "3"}, use_bin_type=True)
     with pytest.raises(wire.WireError, match="num_samples"):
         wire.decode_body("update", bad)
-    bad = msgpack.packb({"num_samples": 0, "n_params": 2, "ciphertexts": [b"c"]}, use_bin_type=True)
+    with pytest.raises(wire.WireError, match="mask_digest"):
+        wire.decode_body("update", msgpack.packb({**good, "mask_digest": b"short"}, use_bin_type=True))
+    with pytest.raises(wire.WireError, match="plain_dtype"):
+        wire.decode_body("update", msgpack.packb({**good, "plain_dtype": "int8"}, use_bin_type=True))
+    bad = msgpack.packb({**good, "num_samples": 0}, use_bin_type=True)
     with pytest.raises(wire.WireError, match="num_samples"):
         wire.decode_body("update", bad)
     with pytest.raises(wire.WireError, match="malformed"):
