@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fedmq.config import DataSettings, ModelSettings, TrainSettings
+from fedmq.models import mlp
 
 N_FEATURES, N_CLASSES = 64, 10
 
@@ -45,13 +46,7 @@ def load_shard(data: DataSettings) -> Shard:
 
 
 def build_model(model: ModelSettings) -> nn.Module:
-    layers: list[nn.Module] = []
-    width = N_FEATURES
-    for h in model.hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, N_CLASSES))
-    return nn.Sequential(*layers)
+    return mlp(N_FEATURES, list(model.hidden), N_CLASSES)
 
 
 class DigitsTrainer:

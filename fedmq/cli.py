@@ -6,6 +6,7 @@ This module is the composition root: each command imports its role lazily, so
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -84,6 +85,45 @@ def demo(agents: int = typer.Option(4, min=2, help="Number of agents."),
 
     raise typer.Exit(run_demo(agents=agents, rounds=rounds, kill_round=kill_round, workdir=workdir,
                               chunk_kib=chunk_kib, timeout=timeout))
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures and write them to files.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("he")
+def bench_he(json_out: Path = typer.Option(Path("benchmarks/results/he.json"), "--json", help="Where rows go."),
+             png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
+             quick: bool = typer.Option(False, help="Linear, LeNet-5 and the CNN, one repetition (<2 min)."),
+             models: Optional[str] = typer.Option(None, help="Comma-separated subset of linear,lenet5,cnn,resnet18."),
+             reps: Optional[int] = typer.Option(None, help="Repetitions per measurement (median).")) -> None:
+    """HE overhead vs p for several models, against a FLARE-style baseline."""
+    configure("bench", "WARNING")
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedmq.bench import he_overhead as bench
+
+    names = models.split(",") if models else (["linear", "lenet5", "cnn"] if quick
+                                              else ["linear", "lenet5", "cnn", "resnet18"])
+    rows = bench.run(names, reps=reps or (1 if quick else 3))
+    doc = bench.write(rows, json_out, quick)
+    png = png or json_out.with_suffix(".png")
+    bench.plot(rows, png)
+    table = Table(title=f"3-client round, fedmq CKKS vs FLARE-style (cpus: {os.cpu_count()})")
+    for col in ("model", "params", "p", "enc s", "agg s", "dec s", "B/param", "MB/client", "round s",
+                "FLARE round s", "FLARE MB", "vs FLARE", "rel err"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r.model, f"{r.params:,}", f"{r.p:.1f}", f"{r.enc_s:.3f}", f"{r.agg_s:.3f}", f"{r.dec_s:.3f}",
+                      f"{r.bytes_per_param:.2f}", f"{r.bytes_per_client / 1e6:.2f}", f"{r.he_round_s:.3f}",
+                      f"{r.baseline_round_s:.3f}", f"{r.baseline_bytes_per_client / 1e6:.2f}",
+                      f"{r.ratio_to_baseline:.3f}", f"{r.rel_err:.1e}")
+    console = Console(width=max(Console().width, 160))
+    console.print(table)
+    for t in doc["targets"]:
+        console.print(f"{'PASS' if t['met'] else 'MISS'}  {t['target']}: {t['measured']}")
+    console.print(f"wrote {json_out} and {png}")
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks that print figures and write them to files (``fedmq bench ...``)."""

@@ -1,0 +1,24 @@
+"""The HE benchmark's code path on the smallest model: rows complete and honest.
+(Speed targets are read from the benchmark's own output, not asserted here.)"""
+
+import json
+
+from fedmq.bench import he_overhead as bench
+
+FIELDS = {"model", "params", "p", "clients", "enc_s", "agg_s", "dec_s", "bytes_per_client", "bytes_per_param",
+          "baseline_enc_s", "baseline_agg_s", "baseline_dec_s", "baseline_bytes_per_client"}
+
+
+def test_bench_rows_and_outputs(tmp_path):
+    rows = bench.run(["linear"], ps=(0.0, 0.5, 1.0), reps=1, progress=False)
+    assert [r.p for r in rows] == [0.0, 0.5, 1.0]
+    by_p = {r.p: r for r in rows}
+    assert all(r.rel_err < 1e-6 for r in rows)
+    assert by_p[0.0].bytes_per_param < 4.1  # plaintext float32 plus the envelope
+    assert by_p[0.0].bytes_per_client < by_p[0.5].bytes_per_client < by_p[1.0].bytes_per_client
+    assert by_p[1.0].bytes_per_param <= 32 < by_p[1.0].baseline_bytes_per_client / rows[0].params
+    doc = bench.write(rows, tmp_path / "he.json", quick=True)
+    saved = json.loads((tmp_path / "he.json").read_text())
+    assert FIELDS <= set(saved["rows"][0]) and saved == json.loads(json.dumps(doc))
+    bench.plot(rows, tmp_path / "he.png")
+    assert (tmp_path / "he.png").read_bytes()[:4] == b"\x89PNG"
