@@ -21,6 +21,7 @@ from fedmq import he, masking, topics, wire
 from fedmq.chunking import Reassembler, single
 from fedmq.config import AgentConfig
 from fedmq.mqtt_session import Inbound, MqttSession
+from fedmq.quantization import QuantPlan, dequantize_sum, quantize, segments
 from fedmq.sealing import SealedBox, agent_box_info, enrollment_proof, new_keypair, open_box
 from fedmq.telemetry import PhaseClock
 
@@ -42,6 +43,9 @@ class Agent:
         self.session = MqttSession(cfg.broker, self.id, will=(topics.agent_status(self.id), offline))
         self.chunks = Reassembler(max_stream_bytes=1 << 34)
         self.ctx = None
+        self.bfv = None
+        self.plan: QuantPlan | None = None
+        self._rng = np.random.default_rng()  # stochastic rounding
         self._x25519, self._x25519_public = new_keypair()
         self._pending_nonces: set[bytes] = set()
         self.trainer = None
@@ -50,6 +54,7 @@ class Agent:
         self.parked: tuple[int, wire.RoundStart] | None = None
         self.sensitivity: dict[int, np.ndarray] = {}  # sensitivity round -> decrypted aggregate map
         self.masks: dict[bytes, np.ndarray] = {}  # mask digest -> mask
+        self.clipped: dict[int, int] = {}  # round -> values clipped to the quantization plan
         self.handled_rounds: set[int] = set()
         self.clocks: dict[int, PhaseClock] = {}
         self.sent_bytes: dict[int, int] = {}
@@ -119,10 +124,13 @@ class Agent:
             secret = open_box(self._x25519, box, agent_box_info(self.task, self.id))
         except Exception:
             raise wire.WireError("key grant does not open with our key: not sealed to us") from None
-        ctx = he.load_context(secret)
+        keys: wire.SealedKeys = wire.decode_body("sealed_keys", secret)
         del secret
+        ctx = he.load_context(keys.ckks)
         if not ctx.is_private():
             raise wire.WireError("key grant holds no secret key")
+        self.bfv = he.load_context(keys.bfv) if keys.bfv else None
+        self.plan = QuantPlan.from_wire(keys.plan) if keys.plan else None
         self.ctx = ctx
         self._pending_nonces.clear()
         log.info("%s: enrolled; secret CKKS context received sealed (%s)", self.id, he.params_of(ctx))
@@ -194,32 +202,43 @@ class Agent:
         rnd = env.round
         clock = self.clocks.setdefault(rnd, PhaseClock())
         trainer = self._trainer()
-        with clock.phase("decrypt"):
-            summed = he.decrypt(self.ctx, result.ciphertexts, result.n_encrypted) if result.n_encrypted else \
-                np.zeros(0)
-        encrypted_part = summed / result.total_weight
         accuracy = None
-        if result.purpose == "sensitivity":
+        if result.scheme != "ckks":
+            mask = self._mask_of_result(result)
+            with clock.phase("decrypt"):
+                weights = self._rebuild_quantized(result, mask)
+            with clock.phase("evaluate"):
+                accuracy = trainer.evaluate(weights)
+            self._adopt(rnd, weights, accuracy, result)
+        elif result.purpose == "sensitivity":
+            with clock.phase("decrypt"):
+                encrypted_part = he.decrypt(self.ctx, result.ciphertexts, result.n_encrypted) / result.total_weight
             self.sensitivity[rnd] = encrypted_part
             log.info("%s: aggregated sensitivity map of round %d decrypted (%d agents)",
                      self.id, rnd, len(result.participants))
         else:
             mask = self._mask_of_result(result)
+            with clock.phase("decrypt"):
+                encrypted_part = he.decrypt(self.ctx, result.ciphertexts, result.n_encrypted) / \
+                    result.total_weight if result.n_encrypted else np.zeros(0)
             plain = np.frombuffer(result.plain_avg, dtype="<f4").astype(np.float64)
             weights = masking.merge(encrypted_part, plain, mask)
             with clock.phase("evaluate"):
                 accuracy = trainer.evaluate(weights)
-            self.models = {rnd: weights}
-            self.latest_version = rnd
-            self.last_accuracy = accuracy
-            log.info("%s: round %d result from %d agents decrypted; test accuracy %.4f",
-                     self.id, rnd, len(result.participants), accuracy)
+            self._adopt(rnd, weights, accuracy, result)
         self._publish_telemetry(rnd, clock, accuracy, len(done.body))
         self.chunks.discard(keep=lambda key: key[0] != "result" or key[1] >= rnd)
         if self.parked and self._ready_for(self.parked[1]):
             prnd, start = self.parked
             self.parked = None
             self._run_round(prnd, start)
+
+    def _adopt(self, rnd: int, weights: np.ndarray, accuracy: float, result: wire.Result) -> None:
+        self.models = {rnd: weights}
+        self.latest_version = rnd
+        self.last_accuracy = accuracy
+        log.info("%s: round %d result from %d agents decrypted; test accuracy %.4f",
+                 self.id, rnd, len(result.participants), accuracy)
 
     def _mask_of_result(self, result: wire.Result) -> np.ndarray:
         if result.n_encrypted in (0, result.n_params):
@@ -234,7 +253,7 @@ class Agent:
         prot = start.protection
         trainer = self._trainer()
         n = trainer.n_params
-        mask = masking.full_mask(n, prot.p)
+        mask = masking.full_mask(n, 0.0 if prot.scheme == "quantize" else prot.p)
         if mask is not None:
             return mask
         forced = masking.first_last_layers(trainer.layer_sizes()) if prot.include_first_last else None
@@ -268,7 +287,7 @@ class Agent:
         base = self._base_weights(start.model_version)
         prot = start.protection
         mask = self._mask_for(start)
-        digest = masking.mask_digest(mask) if 0.0 < prot.p < 1.0 else None
+        digest = masking.mask_digest(mask) if 0 < mask.sum() < mask.size else None
         if start.mask_digest is not None and digest != start.mask_digest:
             log.error("%s: my mask (digest %s) differs from the task's (%s); not uploading a round-%d update "
                       "that would be rejected", self.id, digest.hex()[:16] if digest else None,
@@ -277,15 +296,55 @@ class Agent:
         with clock.phase("train"):
             weights = trainer.train(base, rnd)
         n = trainer.num_samples
+        if self.cfg.faults.oracle_dir is not None:
+            self._dump_oracle(f"round{rnd}", weights=weights, num_samples=n, mask=mask, base=base)
+        if prot.scheme != "ckks":
+            update = self._quantized_update(rnd, clock, weights - base, n, mask, len(start.selected))
+            self._upload(rnd, clock, wire.Update(**{**update, "mask_digest": digest}))
+            return
         secret, plain = masking.split(weights, mask)
         with clock.phase("encrypt"):
             ciphertexts = self._encrypt_weighted(secret, n, len(start.selected))
-        if self.cfg.faults.oracle_dir is not None:
-            self._dump_oracle(f"round{rnd}", weights=weights, num_samples=n, mask=mask)
         self._upload(rnd, clock, wire.Update(
             num_samples=n, n_params=weights.size, n_encrypted=int(mask.sum()), ciphertexts=ciphertexts,
             plain=plain.astype(np.dtype(prot.plain_dtype).newbyteorder("<")).tobytes(),
             plain_dtype=prot.plain_dtype, mask_digest=digest))
+
+    def _quantized_update(self, rnd: int, clock: PhaseClock, delta: np.ndarray, n: int, mask: np.ndarray,
+                          n_agents: int) -> dict:
+        """Codes of (n / n_ref) * delta under the secret plan; the masked codes BFV-encrypted."""
+        plan = self.plan
+        if plan is None:
+            raise he.HEError("the task quantizes but the key authority sent no quantization plan")
+        plan.check_round(n_agents)
+        sizes = self._trainer().layer_sizes()
+        with clock.phase("quantize"):
+            q = quantize(delta * (n / plan.n_ref), plan, sizes, self._rng)
+        self.clipped[rnd] = q.clipped
+        if q.clipped:
+            log.warning("%s: round %d clipped %d of %d values to the plan's ranges", self.id, rnd, q.clipped, q.total)
+        selected = np.concatenate([c.astype(np.int64) for c in q.codes])[mask]
+        with clock.phase("encrypt"):
+            ciphertexts = he.bfv_encrypt_codes(self.bfv, selected, plan.sum_bits, self._lanes_per_slot()) \
+                if selected.size else []
+        codes = [c[~mask[a:b]].tobytes() for (a, b), c in zip(segments(sizes), q.codes)]
+        return dict(num_samples=n, n_params=delta.size, n_encrypted=int(selected.size), ciphertexts=ciphertexts,
+                    codes=codes, code_widths=q.widths)
+
+    def _lanes_per_slot(self) -> int:
+        return self.plan.check_packing(he.bfv_usable_bits(self.bfv))
+
+    def _rebuild_quantized(self, result: wire.Result, mask: np.ndarray) -> np.ndarray:
+        """Global weights from the integer sums: dequantize, re-weight, add to the base model."""
+        plan, sizes = self.plan, self._trainer().layer_sizes()
+        sums = np.zeros(result.n_params, dtype=np.int64)
+        for (a, b), seg, width in zip(segments(sizes), result.code_sums, result.code_sum_widths):
+            sums[a:b][~mask[a:b]] = np.frombuffer(seg, dtype=f"<u{width}").astype(np.int64)
+        if result.n_encrypted:
+            sums[mask] = he.bfv_decrypt_codes(self.bfv, result.ciphertexts, result.n_encrypted, plan.sum_bits,
+                                              self._lanes_per_slot())
+        total = dequantize_sum([sums[a:b] for a, b in segments(sizes)], len(result.participants), plan, sizes)
+        return self._base_weights(result.base_version) + total * plan.n_ref / result.total_weight
 
     def _send_sensitivity(self, rnd: int, start: wire.RoundStart) -> None:
         """Step 1 of the mask agreement: our sensitivity map, encrypted, weighted by our samples."""
@@ -333,7 +392,8 @@ class Agent:
     def _publish_telemetry(self, rnd: int, clock: PhaseClock, accuracy: float | None, received: int) -> None:
         peak = max(clock.peak_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         tele = wire.Telemetry(phases=clock.phases, bytes_sent=self.sent_bytes.pop(rnd, 0), bytes_received=received,
-                              peak_rss=peak, num_samples=self._trainer().num_samples, accuracy=accuracy)
+                              peak_rss=peak, num_samples=self._trainer().num_samples, accuracy=accuracy,
+                              clipped=self.clipped.pop(rnd, 0))
         self.session.send(topics.telemetry(self.id), tele, task=self.task, rnd=rnd)
         self.clocks.pop(rnd, None)
 

@@ -21,6 +21,7 @@ from fedmq.chunking import Reassembler
 from fedmq.config import AggregatorConfig
 from fedmq.mqtt_session import Inbound, MqttSession
 from fedmq.private_files import write_private
+from fedmq.quantization import sum_dtype
 
 from aggregator.round_state import Decision, Outcome, Rejected, RoundState
 
@@ -34,11 +35,15 @@ class Aggregator:
         self.session = MqttSession(cfg.broker, cfg.aggregator_id)
         self.chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes)
         self.ctx = None
+        self.bfv_ctx = None
         self.online: set[str] = set()
         self.gone: set[str] = set()  # seen online once, now offline: not worth waiting for
         self.state: RoundState | None = None
         self.acc: list | None = None
         self.plain_acc: np.ndarray | None = None
+        self.code_acc: list[np.ndarray] | None = None  # quantized schemes: per-segment integer sums
+        self.code_layout: list[tuple[int, int]] | None = None  # (codes, width) per segment
+        self.n_ciphertexts: int | None = None
         self.n_encrypted: int | None = None  # layout of the open round, set by its first update
         self.protection = cfg.protection
         self.mask_round = 0  # the sensitivity round whose sum defines the task's mask
@@ -114,7 +119,8 @@ class Aggregator:
 
     def _needs_mask_agreement(self) -> bool:
         prot = self.protection
-        return prot.mode == "sensitivity" and 0.0 < prot.p < 1.0 and self.mask_round == 0
+        selective = prot.scheme != "quantize" and 0.0 < prot.p < 1.0
+        return selective and prot.mode == "sensitivity" and self.mask_round == 0
 
     def _enough_online(self) -> bool:
         """Target reached, or quorum online for a whole grace period (stragglers
@@ -154,11 +160,12 @@ class Aggregator:
             return
         body: wire.PublicContext = wire.decode_body(done.kind, done.body)
         ctx = he.load_context(body.context)
-        if ctx.is_private():
+        bfv = he.load_context(body.bfv_context) if body.bfv_context else None
+        if ctx.is_private() or (bfv is not None and bfv.is_private()):
             # Refuse to hold a secret key even if someone publishes one.
             raise wire.WireError("the 'public' context carries a secret key; refusing it")
-        self.ctx = ctx
-        log.info("loaded the public CKKS context %s", he.params_of(ctx))
+        self.ctx, self.bfv_ctx = ctx, bfv
+        log.info("loaded the public CKKS context %s%s", he.params_of(ctx), " and BFV parameters" if bfv else "")
 
     def _on_status(self, env: wire.Envelope) -> None:
         body: wire.AgentStatus = wire.decode_body(env.kind, env.body)
@@ -185,11 +192,22 @@ class Aggregator:
         update: wire.Update = wire.decode_body(done.kind, done.body)
         plain = self._check_layout(st, update)
         t0 = time.perf_counter()
-        vectors = he.load_ciphertexts(self.ctx, update.ciphertexts, update.n_encrypted)
+        quantized = self.protection.scheme != "ckks" and st.purpose == "train"
+        if quantized:
+            vectors = he.bfv_load(self.bfv_ctx, update.ciphertexts, self.n_ciphertexts)
+            codes = [np.frombuffer(seg, dtype=f"<u{w}").astype(np.int64)
+                     for seg, w in zip(update.codes, update.code_widths)]
+        else:
+            vectors = he.load_ciphertexts(self.ctx, update.ciphertexts, update.n_encrypted)
         st.record(env.sender, update.num_samples, time.time())
         self.acc = he.add_into(self.acc, vectors)
-        weighted = plain.astype(np.float64) * update.num_samples
-        self.plain_acc = weighted if self.plain_acc is None else self.plain_acc + weighted
+        if quantized:
+            self.code_acc = codes if self.code_acc is None else [a + c for a, c in zip(self.code_acc, codes)]
+            self.code_layout = [(len(c), w) for c, w in zip(codes, update.code_widths)]
+            self.n_ciphertexts = len(update.ciphertexts)
+        else:
+            weighted = plain.astype(np.float64) * update.num_samples
+            self.plain_acc = weighted if self.plain_acc is None else self.plain_acc + weighted
         self.agg_s += time.perf_counter() - t0
         self.n_params, self.n_encrypted = update.n_params, update.n_encrypted
         if st.purpose == "train" and self.mask_digest is None and update.mask_digest is not None:
@@ -209,6 +227,9 @@ class Aggregator:
         if st.purpose == "sensitivity":
             if update.n_encrypted != update.n_params:
                 raise Rejected("a sensitivity map must travel fully encrypted")
+        elif prot.scheme != "ckks":
+            self._check_quantized_layout(update)
+            return np.zeros(0)
         else:
             if prot.p in (0.0, 1.0) and update.n_encrypted != round(prot.p * update.n_params):
                 raise Rejected(f"{update.n_encrypted} encrypted values where p={prot.p} means "
@@ -230,6 +251,28 @@ class Aggregator:
             raise Rejected("plaintext part holds NaN or infinity")
         return plain
 
+    def _check_quantized_layout(self, update: wire.Update) -> None:
+        """Integer codes: segments consistent with the round's first update, nothing in float."""
+        prot = self.protection
+        if update.plain:
+            raise Rejected("a quantized update carries no float part")
+        if prot.scheme == "quantize" and (update.n_encrypted or update.ciphertexts):
+            raise Rejected("scheme 'quantize' sends no ciphertexts")
+        if prot.scheme == "quantize+he" and self.bfv_ctx is None:
+            raise Rejected("no BFV parameters from the key authority yet")
+        if len(update.codes) != len(update.code_widths):
+            raise Rejected(f"{len(update.codes)} code segments but {len(update.code_widths)} widths")
+        lengths = []
+        for seg, width in zip(update.codes, update.code_widths):
+            if len(seg) % width:
+                raise Rejected(f"a segment of {len(seg)} bytes is not a whole number of {width}-byte codes")
+            lengths.append((len(seg) // width, width))
+        if sum(n for n, _ in lengths) + update.n_encrypted != update.n_params:
+            raise Rejected(f"wrong packing length: {sum(n for n, _ in lengths)} plain codes + "
+                           f"{update.n_encrypted} encrypted != {update.n_params} parameters")
+        if self.code_layout is not None and lengths != self.code_layout:
+            raise Rejected("code segments differ from this round's other updates")
+
     # ------------------------------------------------------------------ rounds
     def _open_round(self, purpose: str = "train") -> None:
         rnd = self.next_round
@@ -238,6 +281,7 @@ class Aggregator:
         deadline = time.time() + self.cfg.round_timeout_s
         self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline, purpose=purpose)
         self.acc, self.plain_acc, self.n_encrypted, self.bytes_received, self.agg_s = None, None, None, 0, 0.0
+        self.code_acc = self.code_layout = self.n_ciphertexts = None
         start = wire.RoundStart(model_version=self.model_version, deadline=deadline, selected=selected,
                                 quorum=quorum, purpose=purpose, protection=self.protection,
                                 mask_round=self.mask_round, mask_digest=self.mask_digest)
@@ -253,12 +297,19 @@ class Aggregator:
         if decision.outcome is Outcome.AGGREGATE:
             t0 = time.perf_counter()
             blobs = he.serialize_all(self.acc)
-            plain_avg = (self.plain_acc / st.total_weight).astype("<f4").tobytes()
+            plain_avg = b"" if self.plain_acc is None else (self.plain_acc / st.total_weight).astype("<f4").tobytes()
+            sums, widths = [], []
+            for acc, (_, width) in zip(self.code_acc or [], self.code_layout or []):
+                dtype = sum_dtype(len(participants), 8 * width)
+                sums.append(acc.astype(dtype).tobytes())
+                widths.append(dtype.itemsize)
             self.agg_s += time.perf_counter() - t0
             result = wire.Result(participants=participants, total_weight=st.total_weight,
                                  n_params=self.n_params, n_encrypted=self.n_encrypted, ciphertexts=blobs,
                                  plain_avg=plain_avg, purpose=st.purpose,
-                                 mask_digest=self.mask_digest if st.purpose == "train" else None)
+                                 mask_digest=self.mask_digest if st.purpose == "train" else None,
+                                 base_version=st.model_version, code_sums=sums, code_sum_widths=widths,
+                                 scheme=self.protection.scheme if st.purpose == "train" else "ckks")
             self.session.send_stream(lambda seq: topics.round_result(self.task, st.round, seq), result,
                                      task=self.task, rnd=st.round, chunk_size=self.cfg.chunk_size, retain=True)
             if st.purpose == "train":
@@ -271,14 +322,14 @@ class Aggregator:
         log.info("round %d %s: %s; participants %s, dropped %s, %d partial upload(s) discarded, agg %.3fs",
                  st.round, decision.outcome.value, decision.reason, participants, st.dropped,
                  dropped_partials, self.agg_s)
-        self.acc = self.plain_acc = None  # free the sums: O(model) memory per open round only
+        self.acc = self.plain_acc = self.code_acc = None  # free the sums: O(model) per open round only
         self.next_round = st.round + 1
         self._persist()
         return decision.outcome
 
 
 def _protection_key(prot: wire.Protection) -> list:
-    return [prot.p, prot.mode, prot.include_first_last, prot.seed, prot.plain_dtype]
+    return [prot.scheme, prot.p, prot.mode, prot.include_first_last, prot.seed, prot.plain_dtype]
 
 
 def run(cfg: AggregatorConfig) -> None:

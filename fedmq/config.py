@@ -53,6 +53,28 @@ class HeSettings(_Section):
     scale_bits: Annotated[int, Field(ge=20, le=58)] = 30
 
 
+class BfvSettings(_Section):
+    poly_modulus_degree: Literal[4096, 8192, 16384] = 4096
+    coeff_mod_bit_sizes: Annotated[list[Annotated[int, Field(ge=20, le=60)]], Field(min_length=2)] = [54, 55]
+    plain_modulus_bits: Annotated[int, Field(ge=17, le=60)] = 36
+
+
+class LayerQuantSettings(_Section):
+    bits: Literal[8, 16] = 8
+    mode: Literal["symmetric", "asymmetric"] = "symmetric"
+    rounding: Literal["nearest", "stochastic"] = "stochastic"
+    lo: float = -1.0
+    hi: float = 1.0
+
+
+class QuantizationSettings(_Section):
+    """The secret plan; the layer list repeats over the model's layers."""
+
+    layers: Annotated[list[LayerQuantSettings], Field(min_length=1)] = [LayerQuantSettings()]
+    n_ref: Annotated[int, Field(ge=1)] = 100
+    max_agents: Annotated[int, Field(ge=1)] = 16
+
+
 class ModelSettings(_Section):
     """The model every agent of a task trains; all agents of a task must agree."""
 
@@ -124,6 +146,8 @@ class KeyAuthorityConfig(_Section):
     broker: BrokerEndpoint = BrokerEndpoint()
     state_dir: Path = Path("state/keyauthority")
     he: HeSettings = HeSettings()
+    bfv: BfvSettings = BfvSettings()
+    quantization: QuantizationSettings | None = None  # the plan for quantize / quantize+he tasks
     chunk_size: Annotated[int, Field(ge=1 * KiB)] = 256 * KiB
     max_clock_skew_s: Annotated[float, Field(gt=0)] = 300.0
     credentials: dict[Id, SecretStr] = Field(default_factory=dict)

@@ -66,6 +66,7 @@ class Cluster:
     selection_grace_s: float = 30.0
     target_agents: int | None = None  # default: every agent
     protection: wire.Protection = field(default_factory=wire.Protection)
+    quantization: cfgmod.QuantizationSettings | None = None  # the key authority's secret plan
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     agent_overrides: dict[str, dict] = field(default_factory=dict)
 
@@ -82,7 +83,8 @@ class Cluster:
         endpoint = cfgmod.BrokerEndpoint(port=self.port)
         creds = {a: secrets.token_urlsafe(24) for a in self.agent_ids}
         self._write("keyauthority", cfgmod.KeyAuthorityConfig(
-            task=TASK, broker=endpoint, state_dir=self.workdir / "state/keyauthority", credentials=creds))
+            task=TASK, broker=endpoint, state_dir=self.workdir / "state/keyauthority", credentials=creds,
+            quantization=self.quantization))
         self._write("aggregator", cfgmod.AggregatorConfig(
             task=TASK, broker=endpoint, state_dir=self.workdir / "state/aggregator", rounds=self.rounds,
             min_agents=min_agents, target_agents=self.target_agents or self.n_agents, selection_grace_s=self.selection_grace_s,

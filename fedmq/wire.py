@@ -115,7 +115,7 @@ def decode_envelope(payload: bytes, *, max_bytes: int) -> Envelope:
         checked = _ENVELOPE_ADAPTER.validate_python(raw)
     except ValidationError as exc:
         raise WireError(f"invalid envelope: {_describe(exc)}") from None
-    if checked.kind not in BODY_TYPES:
+    if checked.kind not in BODY_TYPES or checked.kind == "sealed_keys":
         raise WireError(f"unknown message kind {checked.kind!r}")
     if checked.seq >= checked.total:
         raise WireError(f"chunk seq {checked.seq} outside total {checked.total}")
@@ -149,12 +149,16 @@ Purpose = Literal["train", "sensitivity"]
 
 @message(config=_STRICT)
 class Protection:
-    """How updates of a task are protected: the Selective Parameter Encryption knob.
+    """How updates of a task are protected.
 
-    ``p`` is the encrypted fraction (0: plaintext, 1: full encryption); ``mode``
-    picks parameters by aggregated sensitivity or at random (for comparison).
+    ``scheme``: ``ckks`` encrypts the selected weights with CKKS and sends the rest
+    as floats; ``quantize`` sends every update as integer codes of a secret plan;
+    ``quantize+he`` encrypts the selected codes with BFV and sends the rest as codes.
+    ``p`` is the encrypted fraction (0: none, 1: all; unused by ``quantize``);
+    ``mode`` picks parameters by aggregated sensitivity or at random.
     """
 
+    scheme: Literal["ckks", "quantize", "quantize+he"] = "ckks"
     p: Annotated[float, Strict(), Field(ge=0, le=1)] = 1.0
     mode: Literal["sensitivity", "random"] = "sensitivity"
     include_first_last: Annotated[bool, Strict()] = False
@@ -210,6 +214,10 @@ class Update:
     plain: Bytes = b""
     plain_dtype: PlainDtype = "float32"
     mask_digest: Digest | None = None
+    # Quantized schemes: the unselected codes, one segment per layer, 1 or 2 bytes per code.
+    codes: _list(Bytes, max_length=100_000) = dataclasses.field(default_factory=list)
+    code_widths: _list(Annotated[int, Strict(), Field(ge=1, le=2)], max_length=100_000) = \
+        dataclasses.field(default_factory=list)
 
 
 @message(config=_STRICT)
@@ -225,6 +233,13 @@ class Result:
     plain_avg: Bytes = b""
     purpose: Purpose = "train"
     mask_digest: Digest | None = None
+    base_version: NonNegInt = 0  # the model the round's updates started from
+    scheme: Literal["ckks", "quantize", "quantize+he"] = "ckks"
+    # Quantized schemes: per-segment sums of the unselected codes, little-endian
+    # unsigned integers of code_sum_widths bytes.
+    code_sums: _list(Bytes, max_length=100_000) = dataclasses.field(default_factory=list)
+    code_sum_widths: _list(Annotated[int, Strict(), Field(ge=2, le=8)], max_length=100_000) = \
+        dataclasses.field(default_factory=list)
 
 
 @message(config=_STRICT)
@@ -232,6 +247,15 @@ class EnrollRequest:
     public_key: _fixed_bytes(32)
     nonce: _fixed_bytes(16)
     proof: Digest
+
+
+@message(config=_STRICT)
+class SealedKeys:
+    """What a key grant seals: the secret HE contexts and the quantization plan."""
+
+    ckks: Bytes
+    bfv: Bytes = b""
+    plan: dict | None = None
 
 
 @message(config=_STRICT)
@@ -251,6 +275,7 @@ class KeyRefused:
 @message(config=_STRICT)
 class PublicContext:
     context: Bytes
+    bfv_context: Bytes = b""
 
 
 @message(config=_STRICT)
@@ -272,6 +297,7 @@ class Telemetry:
     peak_rss: NonNegInt
     num_samples: NonNegInt
     accuracy: Annotated[float, Strict(), Field(ge=0, le=1)] | None = None
+    clipped: NonNegInt = 0  # values clipped to the quantization plan's ranges
 
 
 BODY_TYPES: dict[str, type] = {
@@ -285,6 +311,7 @@ BODY_TYPES: dict[str, type] = {
     "public_context": PublicContext,
     "status": AgentStatus,
     "telemetry": Telemetry,
+    "sealed_keys": SealedKeys,  # only ever inside a sealed box, never an envelope kind on the wire
 }
 KIND_OF = {cls: kind for kind, cls in BODY_TYPES.items()}
 FAMILY_KINDS: dict[str, set[str]] = {

@@ -18,6 +18,7 @@ from fedmq import he, topics, wire
 from fedmq.config import KeyAuthorityConfig
 from fedmq.mqtt_session import MqttSession
 from fedmq.private_files import write_private
+from fedmq.quantization import LayerQuant, PlanError, QuantPlan
 from fedmq.sealing import SealedBox, agent_box_info, enrollment_proof, proof_matches, seal
 
 log = logging.getLogger("fedmq.keyauthority")
@@ -26,9 +27,15 @@ log = logging.getLogger("fedmq.keyauthority")
 class KeyAuthority:
     def __init__(self, cfg: KeyAuthorityConfig) -> None:
         self.cfg = cfg
-        self.ctx = self._load_or_create_context(Path(cfg.state_dir))
-        self.secret_blob = he.serialize_secret(self.ctx)
+        state = Path(cfg.state_dir)
+        self.ctx = self._load_or_create_context(state)
+        self.bfv = self._load_or_create_bfv(state)
+        self.plan = self._plan()
+        self.secret_blob = wire.encode_body(wire.SealedKeys(
+            ckks=he.serialize_secret(self.ctx), bfv=he.serialize_secret(self.bfv),
+            plan=self.plan.to_wire() if self.plan else None))[1]
         self.public_blob = he.serialize_public(self.ctx)
+        self.bfv_public_blob = he.serialize_public(self.bfv)
         self.session = MqttSession(cfg.broker, cfg.authority_id)
         self._seen_nonces: OrderedDict[bytes, float] = OrderedDict()
         self.enrolled: set[str] = set()
@@ -46,14 +53,39 @@ class KeyAuthority:
                  params.poly_modulus_degree, list(params.coeff_mod_bit_sizes), params.scale_bits, path)
         return ctx
 
+    def _load_or_create_bfv(self, state_dir: Path):
+        path = state_dir / "bfv_secret_context.bin"
+        if path.exists():
+            return he.load_context(path.read_bytes())
+        b = self.cfg.bfv
+        ctx = he.create_bfv_secret_context(he.BfvParams(b.poly_modulus_degree, tuple(b.coeff_mod_bit_sizes),
+                                                         b.plain_modulus_bits))
+        write_private(path, he.serialize_secret(ctx))
+        return ctx
+
+    def _plan(self) -> QuantPlan | None:
+        """The task's quantization plan, refused here if its sums could overflow."""
+        q = self.cfg.quantization
+        if q is None:
+            return None
+        plan = QuantPlan(tuple(LayerQuant(**layer.model_dump()) for layer in q.layers), q.n_ref, q.max_agents)
+        b = self.cfg.bfv
+        per_slot = plan.check_packing(he.BfvParams(b.poly_modulus_degree, tuple(b.coeff_mod_bit_sizes),
+                                                   b.plain_modulus_bits).usable_bits)
+        log.info("quantization plan: %d layer setting(s), sums of up to %d agents in %d-bit lanes, %d per BFV slot",
+                 len(plan.layers), plan.max_agents, plan.sum_bits, per_slot)
+        return plan
+
     def start(self) -> None:
         self.session.subscribe(topics.all_enrollments(self.cfg.task))
         self.session.connect()
         task = self.cfg.task
         self.session.send_stream(lambda seq: topics.public_context(task, seq),
-                                 wire.PublicContext(context=self.public_blob), task=task, rnd=0,
+                                 wire.PublicContext(context=self.public_blob, bfv_context=self.bfv_public_blob),
+                                 task=task, rnd=0,
                                  chunk_size=self.cfg.chunk_size, retain=True)
-        log.info("published the public context (%d bytes, no keys) for task %s", len(self.public_blob), task)
+        log.info("published the public contexts (CKKS %d, BFV %d bytes; no keys, no plan) for task %s",
+                 len(self.public_blob), len(self.bfv_public_blob), task)
 
     def serve(self, stop=None) -> None:
         while stop is None or not stop.is_set():
@@ -121,7 +153,11 @@ def run(cfg: KeyAuthorityConfig) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    ka = KeyAuthority(cfg)
+    try:
+        ka = KeyAuthority(cfg)
+    except PlanError as exc:
+        log.error("refusing to start: %s", exc)
+        raise SystemExit(2) from None
     ka.start()
     try:
         ka.serve(stop)
