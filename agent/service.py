@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmq import he, masking, topics, wire
+from fedmq import he, masking, protection, topics, wire
 from fedmq.chunking import Reassembler, single
 from fedmq.config import AgentConfig
 from fedmq.mqtt_session import Inbound, MqttSession
-from fedmq.quantization import QuantPlan, dequantize_sum, quantize, segments
+from fedmq.quantization import QuantPlan
 from fedmq.sealing import SealedBox, agent_box_info, enrollment_proof, new_keypair, open_box
 from fedmq.telemetry import PhaseClock
 
@@ -203,26 +203,18 @@ class Agent:
         clock = self.clocks.setdefault(rnd, PhaseClock())
         trainer = self._trainer()
         accuracy = None
-        if result.scheme != "ckks":
-            mask = self._mask_of_result(result)
-            with clock.phase("decrypt"):
-                weights = self._rebuild_quantized(result, mask)
-            with clock.phase("evaluate"):
-                accuracy = trainer.evaluate(weights)
-            self._adopt(rnd, weights, accuracy, result)
-        elif result.purpose == "sensitivity":
-            with clock.phase("decrypt"):
-                encrypted_part = he.decrypt(self.ctx, result.ciphertexts, result.n_encrypted) / result.total_weight
-            self.sensitivity[rnd] = encrypted_part
+        mask = self._mask_of_result(result)
+        with clock.phase("decrypt"):
+            if result.scheme != "ckks":
+                weights = protection.rebuild_quantized(self.bfv, self.plan, result, mask, trainer.layer_sizes(),
+                                                       self._base_weights(result.base_version))
+            else:
+                weights = protection.rebuild_ckks(self.ctx, result, mask)
+        if result.purpose == "sensitivity":
+            self.sensitivity[rnd] = weights
             log.info("%s: aggregated sensitivity map of round %d decrypted (%d agents)",
                      self.id, rnd, len(result.participants))
         else:
-            mask = self._mask_of_result(result)
-            with clock.phase("decrypt"):
-                encrypted_part = he.decrypt(self.ctx, result.ciphertexts, result.n_encrypted) / \
-                    result.total_weight if result.n_encrypted else np.zeros(0)
-            plain = np.frombuffer(result.plain_avg, dtype="<f4").astype(np.float64)
-            weights = masking.merge(encrypted_part, plain, mask)
             with clock.phase("evaluate"):
                 accuracy = trainer.evaluate(weights)
             self._adopt(rnd, weights, accuracy, result)
@@ -299,52 +291,21 @@ class Agent:
         if self.cfg.faults.oracle_dir is not None:
             self._dump_oracle(f"round{rnd}", weights=weights, num_samples=n, mask=mask, base=base)
         if prot.scheme != "ckks":
-            update = self._quantized_update(rnd, clock, weights - base, n, mask, len(start.selected))
-            self._upload(rnd, clock, wire.Update(**{**update, "mask_digest": digest}))
-            return
-        secret, plain = masking.split(weights, mask)
-        with clock.phase("encrypt"):
-            ciphertexts = self._encrypt_weighted(secret, n, len(start.selected))
-        self._upload(rnd, clock, wire.Update(
-            num_samples=n, n_params=weights.size, n_encrypted=int(mask.sum()), ciphertexts=ciphertexts,
-            plain=plain.astype(np.dtype(prot.plain_dtype).newbyteorder("<")).tobytes(),
-            plain_dtype=prot.plain_dtype, mask_digest=digest))
-
-    def _quantized_update(self, rnd: int, clock: PhaseClock, delta: np.ndarray, n: int, mask: np.ndarray,
-                          n_agents: int) -> dict:
-        """Codes of (n / n_ref) * delta under the secret plan; the masked codes BFV-encrypted."""
-        plan = self.plan
-        if plan is None:
-            raise he.HEError("the task quantizes but the key authority sent no quantization plan")
-        plan.check_round(n_agents)
-        sizes = self._trainer().layer_sizes()
-        with clock.phase("quantize"):
-            q = quantize(delta * (n / plan.n_ref), plan, sizes, self._rng)
-        self.clipped[rnd] = q.clipped
-        if q.clipped:
-            log.warning("%s: round %d clipped %d of %d values to the plan's ranges", self.id, rnd, q.clipped, q.total)
-        selected = np.concatenate([c.astype(np.int64) for c in q.codes])[mask]
-        with clock.phase("encrypt"):
-            ciphertexts = he.bfv_encrypt_codes(self.bfv, selected, plan.sum_bits, self._lanes_per_slot()) \
-                if selected.size else []
-        codes = [c[~mask[a:b]].tobytes() for (a, b), c in zip(segments(sizes), q.codes)]
-        return dict(num_samples=n, n_params=delta.size, n_encrypted=int(selected.size), ciphertexts=ciphertexts,
-                    codes=codes, code_widths=q.widths)
-
-    def _lanes_per_slot(self) -> int:
-        return self.plan.check_packing(he.bfv_usable_bits(self.bfv))
-
-    def _rebuild_quantized(self, result: wire.Result, mask: np.ndarray) -> np.ndarray:
-        """Global weights from the integer sums: dequantize, re-weight, add to the base model."""
-        plan, sizes = self.plan, self._trainer().layer_sizes()
-        sums = np.zeros(result.n_params, dtype=np.int64)
-        for (a, b), seg, width in zip(segments(sizes), result.code_sums, result.code_sum_widths):
-            sums[a:b][~mask[a:b]] = np.frombuffer(seg, dtype=f"<u{width}").astype(np.int64)
-        if result.n_encrypted:
-            sums[mask] = he.bfv_decrypt_codes(self.bfv, result.ciphertexts, result.n_encrypted, plan.sum_bits,
-                                              self._lanes_per_slot())
-        total = dequantize_sum([sums[a:b] for a, b in segments(sizes)], len(result.participants), plan, sizes)
-        return self._base_weights(result.base_version) + total * plan.n_ref / result.total_weight
+            if self.plan is None:
+                raise he.HEError("the task quantizes but the key authority sent no quantization plan")
+            with clock.phase("encrypt"):  # quantize, and BFV-encrypt the selected codes
+                update, clipped = protection.protect_quantized(
+                    self.bfv, self.plan, weights - base, n, mask, trainer.layer_sizes(), self._rng,
+                    len(start.selected), digest)
+            self.clipped[rnd] = clipped
+            if clipped:
+                log.warning("%s: round %d clipped %d of %d values to the plan's ranges",
+                            self.id, rnd, clipped, weights.size)
+        else:
+            with clock.phase("encrypt"):
+                update = protection.protect_ckks(self.ctx, weights, n, mask, prot.plain_dtype,
+                                                 len(start.selected), digest)
+        self._upload(rnd, clock, update)
 
     def _send_sensitivity(self, rnd: int, start: wire.RoundStart) -> None:
         """Step 1 of the mask agreement: our sensitivity map, encrypted, weighted by our samples."""
@@ -357,19 +318,9 @@ class Agent:
         if self.cfg.faults.oracle_dir is not None:
             self._dump_oracle(f"round{rnd}-sensitivity", scores=scores, num_samples=n)
         with clock.phase("encrypt"):
-            ciphertexts = self._encrypt_weighted(scores, n, len(start.selected))
-        self._upload(rnd, clock, wire.Update(num_samples=n, n_params=scores.size, n_encrypted=scores.size,
-                                             ciphertexts=ciphertexts))
-
-    def _encrypt_weighted(self, values: np.ndarray, n: int, n_agents: int) -> list[bytes]:
-        if values.size == 0:
-            return []
-        scaled = values * n
-        headroom = he.params_of(self.ctx).headroom
-        if np.abs(scaled).max() * n_agents >= headroom:
-            raise he.HEError(f"n*w reaches {np.abs(scaled).max():.3g}; with {n_agents} agents the sum could "
-                             f"exceed the CKKS head-room {headroom:.3g}: lower scale_bits")
-        return he.encrypt(self.ctx, scaled)
+            update = protection.protect_ckks(self.ctx, scores, n, np.ones(scores.size, dtype=bool), "float32",
+                                             len(start.selected), None)
+        self._upload(rnd, clock, update)
 
     def _upload(self, rnd: int, clock: PhaseClock, update: wire.Update) -> None:
         with clock.phase("serialize"):

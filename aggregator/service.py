@@ -21,7 +21,7 @@ from fedmq.chunking import Reassembler
 from fedmq.config import AggregatorConfig
 from fedmq.mqtt_session import Inbound, MqttSession
 from fedmq.private_files import write_private
-from fedmq.quantization import sum_dtype
+from fedmq.aggregation import RoundSum
 
 from aggregator.round_state import Decision, Outcome, Rejected, RoundState
 
@@ -39,11 +39,8 @@ class Aggregator:
         self.online: set[str] = set()
         self.gone: set[str] = set()  # seen online once, now offline: not worth waiting for
         self.state: RoundState | None = None
-        self.acc: list | None = None
-        self.plain_acc: np.ndarray | None = None
-        self.code_acc: list[np.ndarray] | None = None  # quantized schemes: per-segment integer sums
-        self.code_layout: list[tuple[int, int]] | None = None  # (codes, width) per segment
-        self.n_ciphertexts: int | None = None
+        self.sum: RoundSum | None = None  # the open round's running sum
+        self.code_layout: list[tuple[int, int]] | None = None  # (codes, width) per segment of the open round
         self.n_encrypted: int | None = None  # layout of the open round, set by its first update
         self.protection = cfg.protection
         self.mask_round = 0  # the sensitivity round whose sum defines the task's mask
@@ -192,22 +189,9 @@ class Aggregator:
         update: wire.Update = wire.decode_body(done.kind, done.body)
         plain = self._check_layout(st, update)
         t0 = time.perf_counter()
-        quantized = self.protection.scheme != "ckks" and st.purpose == "train"
-        if quantized:
-            vectors = he.bfv_load(self.bfv_ctx, update.ciphertexts, self.n_ciphertexts)
-            codes = [np.frombuffer(seg, dtype=f"<u{w}").astype(np.int64)
-                     for seg, w in zip(update.codes, update.code_widths)]
-        else:
-            vectors = he.load_ciphertexts(self.ctx, update.ciphertexts, update.n_encrypted)
+        self.sum.fold(update, plain)
         st.record(env.sender, update.num_samples, time.time())
-        self.acc = he.add_into(self.acc, vectors)
-        if quantized:
-            self.code_acc = codes if self.code_acc is None else [a + c for a, c in zip(self.code_acc, codes)]
-            self.code_layout = [(len(c), w) for c, w in zip(codes, update.code_widths)]
-            self.n_ciphertexts = len(update.ciphertexts)
-        else:
-            weighted = plain.astype(np.float64) * update.num_samples
-            self.plain_acc = weighted if self.plain_acc is None else self.plain_acc + weighted
+        self.code_layout = [(len(c) // w, w) for c, w in zip(update.codes, update.code_widths)]
         self.agg_s += time.perf_counter() - t0
         self.n_params, self.n_encrypted = update.n_params, update.n_encrypted
         if st.purpose == "train" and self.mask_digest is None and update.mask_digest is not None:
@@ -280,8 +264,9 @@ class Aggregator:
         quorum = min(self.cfg.min_agents, len(selected))
         deadline = time.time() + self.cfg.round_timeout_s
         self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline, purpose=purpose)
-        self.acc, self.plain_acc, self.n_encrypted, self.bytes_received, self.agg_s = None, None, None, 0, 0.0
-        self.code_acc = self.code_layout = self.n_ciphertexts = None
+        self.n_encrypted, self.code_layout, self.bytes_received, self.agg_s = None, None, 0, 0.0
+        self.sum = RoundSum(quantized=self.protection.scheme != "ckks" and purpose == "train",
+                            ckks=self.ctx, bfv=self.bfv_ctx)
         start = wire.RoundStart(model_version=self.model_version, deadline=deadline, selected=selected,
                                 quorum=quorum, purpose=purpose, protection=self.protection,
                                 mask_round=self.mask_round, mask_digest=self.mask_digest)
@@ -296,20 +281,11 @@ class Aggregator:
         participants = sorted(st.weights)
         if decision.outcome is Outcome.AGGREGATE:
             t0 = time.perf_counter()
-            blobs = he.serialize_all(self.acc)
-            plain_avg = b"" if self.plain_acc is None else (self.plain_acc / st.total_weight).astype("<f4").tobytes()
-            sums, widths = [], []
-            for acc, (_, width) in zip(self.code_acc or [], self.code_layout or []):
-                dtype = sum_dtype(len(participants), 8 * width)
-                sums.append(acc.astype(dtype).tobytes())
-                widths.append(dtype.itemsize)
+            result = self.sum.result(participants, st.total_weight, purpose=st.purpose,
+                                     mask_digest=self.mask_digest if st.purpose == "train" else None,
+                                     base_version=st.model_version,
+                                     scheme=self.protection.scheme if st.purpose == "train" else "ckks")
             self.agg_s += time.perf_counter() - t0
-            result = wire.Result(participants=participants, total_weight=st.total_weight,
-                                 n_params=self.n_params, n_encrypted=self.n_encrypted, ciphertexts=blobs,
-                                 plain_avg=plain_avg, purpose=st.purpose,
-                                 mask_digest=self.mask_digest if st.purpose == "train" else None,
-                                 base_version=st.model_version, code_sums=sums, code_sum_widths=widths,
-                                 scheme=self.protection.scheme if st.purpose == "train" else "ckks")
             self.session.send_stream(lambda seq: topics.round_result(self.task, st.round, seq), result,
                                      task=self.task, rnd=st.round, chunk_size=self.cfg.chunk_size, retain=True)
             if st.purpose == "train":
@@ -322,7 +298,7 @@ class Aggregator:
         log.info("round %d %s: %s; participants %s, dropped %s, %d partial upload(s) discarded, agg %.3fs",
                  st.round, decision.outcome.value, decision.reason, participants, st.dropped,
                  dropped_partials, self.agg_s)
-        self.acc = self.plain_acc = self.code_acc = None  # free the sums: O(model) per open round only
+        self.sum = None  # free the sums: O(model) memory per open round only
         self.next_round = st.round + 1
         self._persist()
         return decision.outcome

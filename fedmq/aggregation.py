@@ -1,0 +1,58 @@
+"""The server's running sum of one round's verified updates.
+
+Each update is folded in as soon as it is verified, so memory is O(model), not
+O(agents x model). It adds CKKS or BFV ciphertexts it cannot decrypt, weights
+float parts by the declared sample counts, and adds integer codes it cannot
+dequantize. Used by the aggregator daemon and by the benchmarks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedmq import he, wire
+from fedmq.quantization import sum_dtype
+
+
+class RoundSum:
+    def __init__(self, *, quantized: bool, ckks=None, bfv=None) -> None:
+        self.quantized = quantized
+        self.ckks, self.bfv = ckks, bfv
+        self.acc: list | None = None
+        self.plain: np.ndarray | None = None
+        self.codes: list[np.ndarray] | None = None
+        self.code_widths: list[int] = []
+        self.n_params: int | None = None
+        self.n_encrypted: int | None = None
+        self.n_ciphertexts: int | None = None
+
+    def fold(self, update: wire.Update, plain: np.ndarray | None = None) -> None:
+        """Add one update; raises HEError if its ciphertexts do not fit the task or the sum."""
+        if self.quantized:
+            vectors = he.bfv_load(self.bfv, update.ciphertexts, self.n_ciphertexts)
+            codes = [np.frombuffer(seg, dtype=f"<u{w}").astype(np.int64)
+                     for seg, w in zip(update.codes, update.code_widths)]
+        else:
+            vectors = he.load_ciphertexts(self.ckks, update.ciphertexts, update.n_encrypted)
+        self.acc = he.add_into(self.acc, vectors)
+        if self.quantized:
+            self.codes = codes if self.codes is None else [a + c for a, c in zip(self.codes, codes)]
+            self.code_widths = list(update.code_widths)
+        else:
+            if plain is None:
+                plain = np.frombuffer(update.plain, dtype=np.dtype(update.plain_dtype).newbyteorder("<"))
+            weighted = plain.astype(np.float64) * update.num_samples
+            self.plain = weighted if self.plain is None else self.plain + weighted
+        self.n_params, self.n_encrypted = update.n_params, update.n_encrypted
+        self.n_ciphertexts = len(update.ciphertexts)
+
+    def result(self, participants: list[str], total_weight: int, **extra) -> wire.Result:
+        sums, widths = [], []
+        for acc, width in zip(self.codes or [], self.code_widths):
+            dtype = sum_dtype(len(participants), 8 * width)
+            sums.append(acc.astype(dtype).tobytes())
+            widths.append(dtype.itemsize)
+        plain_avg = b"" if self.plain is None else (self.plain / total_weight).astype("<f4").tobytes()
+        return wire.Result(participants=participants, total_weight=total_weight, n_params=self.n_params,
+                           n_encrypted=self.n_encrypted, ciphertexts=he.serialize_all(self.acc or []),
+                           plain_avg=plain_avg, code_sums=sums, code_sum_widths=widths, **extra)
