@@ -49,14 +49,3 @@ def sensitivity_map(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_si
     model.train(was_training)
     flat = torch.cat([totals[name].reshape(-1) for name, _ in model.named_parameters()])
     return (flat / len(y)).double().cpu().numpy()
-
-
-def layer_sizes(model: nn.Module) -> list[int]:
-    """Parameter counts per module that owns parameters (a weight and its bias),
-    in ``parameters()`` order: the unit of the paper's first/last-layer recipe."""
-    sizes = []
-    for module in model.modules():
-        own = list(module.parameters(recurse=False))
-        if own:
-            sizes.append(sum(p.numel() for p in own))
-    return sizes

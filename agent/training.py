@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fedmq.config import DataSettings, ModelSettings, TrainSettings
-from fedmq.models import mlp
+from fedmq.models import layer_sizes, mlp
 
 N_FEATURES, N_CLASSES = 64, 10
 
@@ -110,8 +110,6 @@ class DigitsTrainer:
         return sensitivity_map(self.model, self._x[:k], self._y[:k])
 
     def layer_sizes(self) -> list[int]:
-        from agent.sensitivity import layer_sizes
-
         return layer_sizes(self.model)
 
     @torch.no_grad()

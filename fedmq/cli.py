@@ -110,12 +110,12 @@ def bench_he(json_out: Path = typer.Option(Path("benchmarks/results/he.json"), "
     doc = bench.write(rows, json_out, quick)
     png = png or json_out.with_suffix(".png")
     bench.plot(rows, png)
-    table = Table(title=f"3-client round, fedmq CKKS vs FLARE-style (cpus: {os.cpu_count()})")
-    for col in ("model", "params", "p", "enc s", "agg s", "dec s", "B/param", "MB/client", "round s",
+    table = Table(title=f"3-client round, fedmq vs FLARE-style CKKS (cpus: {os.cpu_count()})")
+    for col in ("model", "mode", "params", "p", "enc s", "agg s", "dec s", "B/param", "MB/client", "round s",
                 "FLARE round s", "FLARE MB", "vs FLARE", "rel err"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r.model, f"{r.params:,}", f"{r.p:.1f}", f"{r.enc_s:.3f}", f"{r.agg_s:.3f}", f"{r.dec_s:.3f}",
+        table.add_row(r.model, r.mode, f"{r.params:,}", f"{r.p:.1f}", f"{r.enc_s:.3f}", f"{r.agg_s:.3f}", f"{r.dec_s:.3f}",
                       f"{r.bytes_per_param:.2f}", f"{r.bytes_per_client / 1e6:.2f}", f"{r.he_round_s:.3f}",
                       f"{r.baseline_round_s:.3f}", f"{r.baseline_bytes_per_client / 1e6:.2f}",
                       f"{r.ratio_to_baseline:.3f}", f"{r.rel_err:.1e}")
@@ -124,6 +124,33 @@ def bench_he(json_out: Path = typer.Option(Path("benchmarks/results/he.json"), "
     for t in doc["targets"]:
         console.print(f"{'PASS' if t['met'] else 'MISS'}  {t['target']}: {t['measured']}")
     console.print(f"wrote {json_out} and {png}")
+
+
+@bench_app.command("accuracy")
+def bench_accuracy(json_out: Path = typer.Option(Path("benchmarks/results/accuracy.json"), "--json"),
+                   png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
+                   agents: int = typer.Option(8, min=2), rounds: int = typer.Option(10, min=1),
+                   modes: str = typer.Option("none,ckks,quantize,quantize+he", help="Comma-separated.")) -> None:
+    """Final accuracy per protection mode, with the real system on digits."""
+    configure("bench", "WARNING")
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedmq.bench import accuracy as bench
+
+    rows = bench.run(modes.split(","), agents, rounds)
+    png = png or json_out.with_suffix(".png")
+    bench.write(rows, json_out, png)
+    table = Table(title=f"digits, {agents} agents, {rounds} rounds")
+    for col in ("mode", "final accuracy", "vs none", "bytes/round", "clipped", "wall s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        last = r["per_round"][-1]
+        delta = "-" if r["delta_vs_none"] is None else f"{100 * r['delta_vs_none']:+.2f} pt"
+        table.add_row(r["mode"], f"{r['final_accuracy']:.4f}", delta, f"{last['bytes_received']:,}",
+                      str(sum(x["clipped"] for x in r["per_round"])), f"{r['wall_s']:.0f}")
+    Console(width=max(Console().width, 100)).print(table)
+    print(f"wrote {json_out} and {png}")
 
 
 def main() -> None:

@@ -71,3 +71,15 @@ BENCH_MODELS = {"linear": linear, "lenet5": lenet5, "cnn": cnn, "resnet18": resn
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def layer_sizes(model: nn.Module) -> list[int]:
+    """Parameter counts per module that owns parameters (a weight and its bias), in
+    ``parameters()`` order: the unit of per-layer quantization settings and of the
+    first/last-layer encryption recipe."""
+    sizes = []
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own:
+            sizes.append(sum(p.numel() for p in own))
+    return sizes

@@ -11,7 +11,13 @@ FIELDS = {"model", "params", "p", "clients", "enc_s", "agg_s", "dec_s", "bytes_p
 
 def test_bench_rows_and_outputs(tmp_path):
     rows = bench.run(["linear"], ps=(0.0, 0.5, 1.0), reps=1, progress=False)
-    assert [r.p for r in rows] == [0.0, 0.5, 1.0]
+    assert [(r.mode, r.p) for r in rows] == [("ckks", 0.0), ("ckks", 0.5), ("ckks", 1.0), ("quantize", 0.0),
+                                             ("quantize+he", 0.0), ("quantize+he", 0.5), ("quantize+he", 1.0)]
+    quantized = [r for r in rows if r.mode != "ckks"]
+    assert all(r.rel_err < 1e-2 for r in quantized)  # int8 steps of 0.2/254 on drift of 0.01
+    assert {r.p: r for r in quantized if r.mode == "quantize+he"}[1.0].bytes_per_client > \
+        [r for r in quantized if r.mode == "quantize"][0].bytes_per_client
+    rows = [r for r in rows if r.mode == "ckks"]
     by_p = {r.p: r for r in rows}
     assert all(r.rel_err < 1e-6 for r in rows)
     assert by_p[0.0].bytes_per_param < 4.1  # plaintext float32 plus the envelope

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from agent.sensitivity import layer_sizes, sensitivity_map
+from agent.sensitivity import sensitivity_map
+from fedmq.models import layer_sizes
 
 
 def _double_backward_reference(model, x, labels):

@@ -1,9 +1,10 @@
 """``fedmq bench he``: HE overhead of a 3-client round vs p, against a FLARE-style baseline.
 
-For each model and selection ratio p, three clients protect their update exactly
-as a fedmq agent does (``n_i * w`` of the masked part as CKKS ciphertexts, the
-rest as float32, in one msgpack ``Update``); the server folds them as the
-aggregator does; one client decrypts and rebuilds the model. In the same run, a
+For each model, protection mode and selection ratio p, three clients protect
+their update with the agent's own code (``fedmq.protection``: CKKS of ``n_i * w``
+for the masked part and float32 for the rest; or int8 codes of a secret plan,
+the masked ones BFV-packed), the server folds them with the aggregator's own
+``RoundSum``, and one client rebuilds the model. In the same run, a
 FLARE-style baseline: TenSEAL CKKS with N=8192, coeff [60, 40, 40, 60], scale
 2^40, public-key encryption of every layer, weights multiplied on the server.
 
@@ -26,9 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmq import he, masking, wire
+from fedmq import he, masking, protection, wire
+from fedmq.aggregation import RoundSum
+from fedmq.quantization import LayerQuant, QuantPlan
 
 PS = (0.0, 0.1, 0.3, 0.5, 0.7, 1.0)
+MODES = ("ckks", "quantize", "quantize+he")
+# int8 everywhere, modes and rounding mixed per layer; ranges cover the clients' drift.
+BENCH_PLAN = QuantPlan((LayerQuant(8, "symmetric", "stochastic", -0.1, 0.1),
+                        LayerQuant(8, "asymmetric", "nearest", -0.1, 0.1)), n_ref=333, max_agents=8)
 CLIENTS = 3
 SAMPLES = (500, 300, 200)
 FLARE = dict(poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60], scale_bits=40)
@@ -37,6 +44,7 @@ FLARE = dict(poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60], sca
 @dataclass
 class Row:
     model: str
+    mode: str
     params: int
     p: float
     clients: int
@@ -68,37 +76,42 @@ def _timed(fn, reps: int):
     return statistics.median(times), out
 
 
-def client_weights(model_name: str) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
-    """Three clients' weights (a shared init plus local drift) and the layer layout."""
+def client_weights(model_name: str) -> tuple[list[np.ndarray], list[tuple[int, int]], np.ndarray, list[int]]:
+    """Three clients' weights (a shared init plus local drift), the per-tensor layout,
+    the shared base and the per-layer sizes the quantization plan applies to."""
     import torch
 
-    from fedmq.models import BENCH_MODELS
+    from fedmq.models import BENCH_MODELS, layer_sizes
 
     torch.manual_seed(0)
     model = BENCH_MODELS[model_name]()
     base = torch.nn.utils.parameters_to_vector(model.parameters()).detach().double().numpy()
     rng = np.random.default_rng(0)
-    layers, start = [], 0
+    tensors, start = [], 0
     for p in model.parameters():
-        layers.append((start, start + p.numel()))
+        tensors.append((start, start + p.numel()))
         start += p.numel()
-    return [base + rng.normal(0, 0.01, base.size) for _ in range(CLIENTS)], layers
+    weights = [base + rng.normal(0, 0.01, base.size) for _ in range(CLIENTS)]
+    return weights, tensors, base, layer_sizes(model)
 
 
 def fedavg(weights: list[np.ndarray]) -> np.ndarray:
     return sum(w * n for w, n in zip(weights, SAMPLES)) / sum(SAMPLES)
 
 
-def _fedmq_round(ctx, public, weights, mask, reps):
-    n_params = weights[0].size
-    n_enc = int(mask.sum())
+def _fedmq_round(mode, keys, weights, base, sizes, mask, reps):
+    """One 3-client round with the agent's and the aggregator's own code."""
+    ctx, public, bfv, bfv_public = keys
+    n_params, quantized = weights[0].size, mode != "ckks"
+    digest = masking.mask_digest(mask) if 0 < mask.sum() < mask.size else None
+    rng = np.random.default_rng(0)
 
     def protect(w, n):
-        secret, plain = masking.split(w, mask)
-        cts = he.encrypt(ctx, secret * n) if n_enc else []
-        upd = wire.Update(num_samples=n, n_params=n_params, n_encrypted=n_enc, ciphertexts=cts,
-                          plain=plain.astype("<f4").tobytes(), mask_digest=masking.mask_digest(mask))
-        return wire.encode_body(upd)[1]
+        if quantized:
+            update, _ = protection.protect_quantized(bfv, BENCH_PLAN, w - base, n, mask, sizes, rng, CLIENTS, digest)
+        else:
+            update = protection.protect_ckks(ctx, w, n, mask, "float32", CLIENTS, digest)
+        return wire.encode_body(update)[1]
 
     enc_times, bodies = [], []
     for w, n in zip(weights, SAMPLES):
@@ -107,25 +120,20 @@ def _fedmq_round(ctx, public, weights, mask, reps):
         bodies.append(body)
 
     def aggregate():
-        acc, plain_acc = None, None
+        total = RoundSum(quantized=quantized, ckks=public, bfv=bfv_public)
         for body in bodies:
-            upd = wire.decode_body("update", body)
-            acc = he.add_into(acc, he.load_ciphertexts(public, upd.ciphertexts, upd.n_encrypted))
-            plain = np.frombuffer(upd.plain, dtype="<f4").astype(np.float64) * upd.num_samples
-            plain_acc = plain if plain_acc is None else plain_acc + plain
-        res = wire.Result(participants=["a", "b", "c"], total_weight=sum(SAMPLES), n_params=n_params,
-                          n_encrypted=n_enc, ciphertexts=he.serialize_all(acc),
-                          plain_avg=(plain_acc / sum(SAMPLES)).astype("<f4").tobytes())
-        return wire.encode_body(res)[1]
+            total.fold(wire.decode_body("update", body))
+        return wire.encode_body(total.result(["a", "b", "c"], sum(SAMPLES), scheme=mode, mask_digest=digest))[1]
 
     agg_s, result_body = _timed(aggregate, reps)
 
-    def decrypt():
+    def rebuild():
         res = wire.decode_body("result", result_body)
-        enc = he.decrypt(ctx, res.ciphertexts, res.n_encrypted) / res.total_weight if n_enc else np.zeros(0)
-        return masking.merge(enc, np.frombuffer(res.plain_avg, dtype="<f4").astype(np.float64), mask)
+        if quantized:
+            return protection.rebuild_quantized(bfv, BENCH_PLAN, res, mask, sizes, base)
+        return protection.rebuild_ckks(ctx, res, mask)
 
-    dec_s, model = _timed(decrypt, reps)
+    dec_s, model = _timed(rebuild, reps)
     return statistics.mean(enc_times), agg_s, dec_s, statistics.mean(map(len, bodies)), model
 
 
@@ -184,16 +192,24 @@ def _flare_round(weights, layers, reps):
     return statistics.mean(enc_times), agg_s, dec_s, statistics.mean(sum(map(len, u)) for u in uploads), model
 
 
-def run(models: list[str], ps: tuple[float, ...] = PS, reps: int = 3, progress: bool = True) -> list[Row]:
+def _cases(modes: tuple[str, ...], ps: tuple[float, ...]) -> list[tuple[str, float]]:
+    """'quantize' encrypts nothing: it has only the p = 0 row."""
+    return [(m, p) for m in modes for p in ps if m != "quantize" or p == 0.0]
+
+
+def run(models: list[str], ps: tuple[float, ...] = PS, reps: int = 3, progress: bool = True,
+        modes: tuple[str, ...] = MODES) -> list[Row]:
     from tqdm import tqdm
 
     ctx = he.create_secret_context(he.CkksParams())
-    public = he.load_context(he.serialize_public(ctx))
+    bfv = he.create_bfv_secret_context(he.BfvParams())
+    keys = (ctx, he.load_context(he.serialize_public(ctx)), bfv, he.load_context(he.serialize_public(bfv)))
+    cases = _cases(modes, ps)
     rows: list[Row] = []
-    bar = tqdm(total=len(models) * (len(ps) + 2), desc="bench he", unit="step", disable=not progress)
+    bar = tqdm(total=len(models) * (len(cases) + 2), desc="bench he", unit="step", disable=not progress)
     for name in models:
         bar.set_postfix_str(f"{name}: weights")
-        weights, layers = client_weights(name)
+        weights, layers, base, sizes = client_weights(name)
         truth = fedavg(weights)
         n = truth.size
         bar.update(1)
@@ -205,15 +221,15 @@ def run(models: list[str], ps: tuple[float, ...] = PS, reps: int = 3, progress: 
         plain_agg_s, _ = _timed(lambda: sum(np.frombuffer(b, "<f4").astype(np.float64) * s
                                             for b, s in zip(plain_bodies, SAMPLES)) / sum(SAMPLES), reps)
         plain_bytes = 4 * n
-        for p in ps:
-            bar.set_postfix_str(f"{name}: p={p}")
+        for mode, p in cases:
+            bar.set_postfix_str(f"{name}: {mode} p={p}")
             mask = masking.full_mask(n, p)
             if mask is None:
                 mask = masking.random_mask(n, p, seed=0)
-            enc_s, agg_s, dec_s, nbytes, model = _fedmq_round(ctx, public, weights, mask, reps)
+            enc_s, agg_s, dec_s, nbytes, model = _fedmq_round(mode, keys, weights, base, sizes, mask, reps)
             round_s = CLIENTS * enc_s + agg_s + dec_s
             rows.append(Row(
-                model=name, params=n, p=p, clients=CLIENTS, enc_s=enc_s, agg_s=agg_s, dec_s=dec_s,
+                model=name, mode=mode, params=n, p=p, clients=CLIENTS, enc_s=enc_s, agg_s=agg_s, dec_s=dec_s,
                 bytes_per_client=int(nbytes), bytes_per_param=nbytes / n, he_round_s=round_s,
                 rel_err=float(np.linalg.norm(model - truth) / np.linalg.norm(truth)),
                 plain_agg_s=plain_agg_s, plain_bytes_per_client=plain_bytes,
@@ -229,17 +245,27 @@ def run(models: list[str], ps: tuple[float, ...] = PS, reps: int = 3, progress: 
 def targets(rows: list[Row]) -> list[tuple[str, bool, str]]:
     """Issue 3's targets, evaluated on the measured rows."""
     out = []
-    full = [r for r in rows if r.p == 1.0]
-    worst = max(r.bytes_per_param for r in full)
-    out.append(("full encryption <= 32 bytes/param", worst <= 32, f"max {worst:.2f}"))
-    cnn = [r for r in rows if r.model == "cnn" and r.p == 0.1]
+    ckks = [r for r in rows if r.mode == "ckks"]
+    full = [r for r in ckks if r.p == 1.0]
+    if full:
+        worst = max(r.bytes_per_param for r in full)
+        out.append(("CKKS full encryption <= 32 bytes/param", worst <= 32, f"max {worst:.2f}"))
+        ratio = max(r.ratio_to_baseline for r in full)
+        out.append(("CKKS 3-client HE round (p=1) <= 1/3 of FLARE-style", ratio <= 1 / 3, f"max ratio {ratio:.3f}"))
+    cnn = [r for r in ckks if r.model == "cnn" and r.p == 0.1]
     if cnn:
-        out.append(("p=0.1 on the CNN <= 8 bytes/param", cnn[0].bytes_per_param <= 8,
+        out.append(("CKKS p=0.1 on the CNN <= 8 bytes/param", cnn[0].bytes_per_param <= 8,
                     f"{cnn[0].bytes_per_param:.2f}"))
-    ratio = max(r.ratio_to_baseline for r in full)
-    out.append(("3-client HE round (p=1) <= 1/3 of FLARE-style", ratio <= 1 / 3, f"max ratio {ratio:.3f}"))
-    err = max(r.rel_err for r in rows)
-    out.append(("decrypted aggregate within 1e-6 relative", err <= 1e-6, f"max {err:.1e}"))
+    if ckks:
+        err = max(r.rel_err for r in ckks)
+        out.append(("CKKS decrypted aggregate within 1e-6 relative", err <= 1e-6, f"max {err:.1e}"))
+    qhe = [r for r in rows if r.mode == "quantize+he" and r.p == 1.0 and r.params >= 10_000]
+    if qhe:
+        worst = max(r.bytes_per_param for r in qhe)
+        out.append(("quantize+he full encryption <= 8 bytes/param (models >= 10k params)", worst <= 8,
+                    f"max {worst:.2f}"))
+        speed = min(r.baseline_agg_s / r.agg_s for r in qhe)
+        out.append(("quantize+he aggregation >= 10x faster than FLARE-style", speed >= 10, f"min {speed:.1f}x"))
     return out
 
 
@@ -250,19 +276,26 @@ def plot(rows: list[Row], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in dict.fromkeys(r.model for r in rows):
-        mine = [r for r in rows if r.model == name]
-        line, = ax_t.plot([r.p for r in mine], [r.he_round_s for r in mine], "o-", label=name)
-        ax_t.plot([1.0], [mine[0].baseline_round_s], "x", ms=10, color=line.get_color())
-        ax_b.plot([r.p for r in mine], [r.bytes_per_client / 1e6 for r in mine], "o-", label=name)
-        ax_b.plot([1.0], [mine[0].baseline_bytes_per_client / 1e6], "x", ms=10, color=line.get_color())
+    styles = {"ckks": "o-", "quantize+he": "s--", "quantize": "D"}
+    colors = {}
+    for name, mode in dict.fromkeys((r.model, r.mode) for r in rows):
+        mine = [r for r in rows if r.model == name and r.mode == mode]
+        kw = {"color": colors[name]} if name in colors else {}
+        line, = ax_t.plot([r.p for r in mine], [r.he_round_s for r in mine], styles[mode], label=f"{name} {mode}",
+                          **kw)
+        colors.setdefault(name, line.get_color())
+        ax_b.plot([r.p for r in mine], [r.bytes_per_client / 1e6 for r in mine], styles[mode],
+                  label=f"{name} {mode}", color=colors[name])
+        if mode == "ckks":
+            ax_t.plot([1.0], [mine[0].baseline_round_s], "x", ms=10, color=colors[name])
+            ax_b.plot([1.0], [mine[0].baseline_bytes_per_client / 1e6], "x", ms=10, color=colors[name])
     ax_t.set(yscale="log", xlabel="encrypted fraction p", ylabel="3-client round compute (s)",
              title="HE compute vs p (x: FLARE-style, full encryption)")
     ax_b.set(yscale="log", xlabel="encrypted fraction p", ylabel="upload per client (MB)",
              title="Communication vs p (x: FLARE-style)")
     for ax in (ax_t, ax_b):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
@@ -273,7 +306,8 @@ def write(rows: list[Row], json_path: Path, quick: bool) -> dict:
     doc = {
         "benchmark": "he", "quick": quick, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "fedmq_ckks": asdict(he.CkksParams()), "flare_ckks": FLARE, "samples_per_client": SAMPLES,
+        "fedmq_ckks": asdict(he.CkksParams()), "fedmq_bfv": asdict(he.BfvParams()), "flare_ckks": FLARE,
+        "quantization_plan": BENCH_PLAN.to_wire(), "samples_per_client": SAMPLES,
         "rows": [asdict(r) for r in rows],
         "targets": [{"target": t, "met": ok, "measured": m} for t, ok, m in targets(rows)],
     }
