@@ -24,6 +24,7 @@ from fedmq.mqtt_session import Inbound, MqttSession
 from fedmq.quantization import QuantPlan
 from fedmq.sealing import SealedBox, agent_box_info, enrollment_proof, new_keypair, open_box
 from fedmq.telemetry import PhaseClock
+from fedmq.signals import stop_event
 
 log = logging.getLogger("fedmq.agent")
 
@@ -350,11 +351,7 @@ class Agent:
 
 
 def run(cfg: AgentConfig) -> int:
-    import signal
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = stop_event()
     agent = Agent(cfg)
     try:
         agent.run(stop)

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmq import he, topics, wire
+from fedmq import he, masking, topics, wire
 from fedmq.chunking import Reassembler
 from fedmq.config import AggregatorConfig
 from fedmq.mqtt_session import Inbound, MqttSession
 from fedmq.private_files import write_private
 from fedmq.aggregation import RoundSum
+from fedmq.signals import stop_event
 
 from aggregator.round_state import Decision, Outcome, Rejected, RoundState
 
@@ -36,6 +37,7 @@ class Aggregator:
         self.chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes)
         self.ctx = None
         self.bfv_ctx = None
+        self.max_summands = 0  # the quantization plan's bound on agents per sum (0: none)
         self.online: set[str] = set()
         self.gone: set[str] = set()  # seen online once, now offline: not worth waiting for
         self.state: RoundState | None = None
@@ -116,8 +118,7 @@ class Aggregator:
 
     def _needs_mask_agreement(self) -> bool:
         prot = self.protection
-        selective = prot.scheme != "quantize" and 0.0 < prot.p < 1.0
-        return selective and prot.mode == "sensitivity" and self.mask_round == 0
+        return masking.needs_agreement(prot.scheme, prot.p, prot.mode) and self.mask_round == 0
 
     def _enough_online(self) -> bool:
         """Target reached, or quorum online for a whole grace period (stragglers
@@ -162,6 +163,7 @@ class Aggregator:
             # Refuse to hold a secret key even if someone publishes one.
             raise wire.WireError("the 'public' context carries a secret key; refusing it")
         self.ctx, self.bfv_ctx = ctx, bfv
+        self.max_summands = body.max_summands
         log.info("loaded the public CKKS context %s%s", he.params_of(ctx), " and BFV parameters" if bfv else "")
 
     def _on_status(self, env: wire.Envelope) -> None:
@@ -260,7 +262,10 @@ class Aggregator:
     # ------------------------------------------------------------------ rounds
     def _open_round(self, purpose: str = "train") -> None:
         rnd = self.next_round
-        selected = sorted(self.online)[: self.cfg.max_agents]
+        cap = self.cfg.max_agents
+        if self.protection.scheme != "ckks" and self.max_summands:
+            cap = min(cap, self.max_summands)  # more would overflow the plan's integer lanes
+        selected = sorted(self.online)[:cap]
         quorum = min(self.cfg.min_agents, len(selected))
         deadline = time.time() + self.cfg.round_timeout_s
         self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline, purpose=purpose)
@@ -309,11 +314,7 @@ def _protection_key(prot: wire.Protection) -> list:
 
 
 def run(cfg: AggregatorConfig) -> None:
-    import signal
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = stop_event()
     agg = Aggregator(cfg)
     try:
         agg.run(stop)

@@ -130,7 +130,8 @@ def bench_he(json_out: Path = typer.Option(Path("benchmarks/results/he.json"), "
 def bench_accuracy(json_out: Path = typer.Option(Path("benchmarks/results/accuracy.json"), "--json"),
                    png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
                    agents: int = typer.Option(8, min=2), rounds: int = typer.Option(10, min=1),
-                   modes: str = typer.Option("none,ckks,quantize,quantize+he", help="Comma-separated.")) -> None:
+                   modes: str = typer.Option("none,ckks,quantize,quantize+he,ckks-p0.3,ckks-p0.3-f16",
+                                             help="Comma-separated.")) -> None:
     """Final accuracy per protection mode, with the real system on digits."""
     configure("bench", "WARNING")
     from rich.console import Console

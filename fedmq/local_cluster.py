@@ -134,7 +134,7 @@ class Cluster:
             proc.send_signal(sig)
 
     def stop_all(self) -> None:
-        for name, proc in reversed(list(self.procs.items())):
+        for proc in reversed(list(self.procs.values())):
             if proc.poll() is None:
                 proc.terminate()
         for proc in self.procs.values():

@@ -13,30 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 SCORE_BITS = 24
 
 
-@dataclass(frozen=True)
-class Selection:
-    """What to encrypt: ``p`` from 0 (plaintext) to 1 (full encryption)."""
-
-    p: float = 1.0
-    mode: Literal["sensitivity", "random"] = "sensitivity"
-    include_first_last: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"selection p must be within [0, 1], got {self.p}")
-
-    @property
-    def needs_sensitivity(self) -> bool:
-        return self.mode == "sensitivity" and 0.0 < self.p < 1.0
+def needs_agreement(scheme: str, p: float, mode: str) -> bool:
+    """Whether a task must first agree on its mask in an encrypted sensitivity round."""
+    return scheme != "quantize" and mode == "sensitivity" and 0.0 < p < 1.0
 
 
 def n_selected(n: int, p: float) -> int:

@@ -276,6 +276,8 @@ class KeyRefused:
 class PublicContext:
     context: Bytes
     bfv_context: Bytes = b""
+    # Not secret: how many agents the quantization plan's integer lanes can sum (0: no plan).
+    max_summands: NonNegInt = 0
 
 
 @message(config=_STRICT)

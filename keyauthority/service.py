@@ -20,6 +20,7 @@ from fedmq.mqtt_session import MqttSession
 from fedmq.private_files import write_private
 from fedmq.quantization import LayerQuant, PlanError, QuantPlan
 from fedmq.sealing import SealedBox, agent_box_info, enrollment_proof, proof_matches, seal
+from fedmq.signals import stop_event
 
 log = logging.getLogger("fedmq.keyauthority")
 
@@ -81,7 +82,8 @@ class KeyAuthority:
         self.session.connect()
         task = self.cfg.task
         self.session.send_stream(lambda seq: topics.public_context(task, seq),
-                                 wire.PublicContext(context=self.public_blob, bfv_context=self.bfv_public_blob),
+                                 wire.PublicContext(context=self.public_blob, bfv_context=self.bfv_public_blob,
+                                                    max_summands=self.plan.max_agents if self.plan else 0),
                                  task=task, rnd=0,
                                  chunk_size=self.cfg.chunk_size, retain=True)
         log.info("published the public contexts (CKKS %d, BFV %d bytes; no keys, no plan) for task %s",
@@ -147,12 +149,7 @@ class KeyAuthority:
 
 
 def run(cfg: KeyAuthorityConfig) -> None:
-    import signal
-    import threading
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = stop_event()
     try:
         ka = KeyAuthority(cfg)
     except PlanError as exc:

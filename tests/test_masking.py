@@ -46,6 +46,9 @@ def test_digest_split_merge():
         masking.merge(secret[:-1], plain, mask)
 
 
-def test_p_out_of_range():
-    with pytest.raises(ValueError):
-        masking.Selection(p=1.5)
+def test_needs_agreement():
+    assert masking.needs_agreement("ckks", 0.3, "sensitivity")
+    assert masking.needs_agreement("quantize+he", 0.3, "sensitivity")
+    assert not masking.needs_agreement("ckks", 1.0, "sensitivity")
+    assert not masking.needs_agreement("ckks", 0.3, "random")
+    assert not masking.needs_agreement("quantize", 0.3, "sensitivity")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from fedmq import config as cfgmod
-from fedmq import wire
+from fedmq import masking, wire
 from fedmq.local_cluster import Cluster, Observer, free_port
 
 # Mixed precision: int8 symmetric stochastic and int16 asymmetric nearest, alternating
@@ -28,6 +28,10 @@ MODES: dict[str, tuple[wire.Protection, cfgmod.QuantizationSettings | None]] = {
     "ckks": (wire.Protection(scheme="ckks", p=1.0), None),
     "quantize": (wire.Protection(scheme="quantize", p=0.0), PLAN),
     "quantize+he": (wire.Protection(scheme="quantize+he", p=1.0), PLAN),
+    # Selective encryption, sensitivity mask agreed in an encrypted round first; the
+    # plaintext rest as float32 or float16 (issue 3: does float16 hold accuracy?).
+    "ckks-p0.3": (wire.Protection(scheme="ckks", p=0.3, mode="sensitivity"), None),
+    "ckks-p0.3-f16": (wire.Protection(scheme="ckks", p=0.3, mode="sensitivity", plain_dtype="float16"), None),
 }
 
 
@@ -36,34 +40,37 @@ def run_mode(mode: str, agents: int, rounds: int, workdir: Path, progress=None) 
     cluster = Cluster(workdir=workdir, port=free_port(), n_agents=agents, rounds=rounds, chunk_size=256 * 1024,
                       protection=prot, quantization=plan, round_timeout_s=120)
     cluster.write_configs(min_agents=max(2, agents // 2))
+    # A selective sensitivity-mode task agrees on its mask in an encrypted round 1 first.
+    agreement = masking.needs_agreement(prot.scheme, prot.p, prot.mode)
+    train_rounds = list(range(2 if agreement else 1, rounds + (2 if agreement else 1)))
     t0 = time.monotonic()
     try:
         cluster.start_all()
         obs = Observer(cluster.port)
         obs.connect()
         try:
-            for rnd in range(1, rounds + 1):
+            for rnd in range(1, train_rounds[-1] + 1):
                 obs.wait_for("closed", rnd, timeout=300)
                 end = time.monotonic() + 15  # the agents' telemetry follows the result
                 view = obs.rounds[rnd]
                 while len(view.telemetry) < len(view.closed.participants) and time.monotonic() < end:
                     obs.poll()
-                if progress is not None:
+                if progress is not None and rnd in train_rounds:
                     progress.update(1)
         finally:
             obs.close()
     finally:
         cluster.stop_all()
     per_round = []
-    for rnd in range(1, rounds + 1):
+    for i, rnd in enumerate(train_rounds, start=1):
         v = obs.rounds[rnd]
         accs = [t.accuracy for t in v.telemetry.values() if t.accuracy is not None]
-        per_round.append({"round": rnd, "participants": len(v.closed.participants),
+        per_round.append({"round": i, "participants": len(v.closed.participants),
                           "accuracy": sum(accs) / len(accs) if accs else None,
                           "bytes_received": v.closed.bytes_received,
                           "clipped": sum(t.clipped for t in v.telemetry.values())})
     return {"mode": mode, "agents": agents, "rounds": rounds, "scheme": prot.scheme, "p": prot.p,
-            "final_accuracy": per_round[-1]["accuracy"], "per_round": per_round,
+            "final_accuracy": per_round[-1]["accuracy"], "per_round": per_round, "mask_agreement_round": agreement,
             "wall_s": time.monotonic() - t0}
 
 

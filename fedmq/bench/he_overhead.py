@@ -102,7 +102,7 @@ def fedavg(weights: list[np.ndarray]) -> np.ndarray:
 def _fedmq_round(mode, keys, weights, base, sizes, mask, reps):
     """One 3-client round with the agent's and the aggregator's own code."""
     ctx, public, bfv, bfv_public = keys
-    n_params, quantized = weights[0].size, mode != "ckks"
+    quantized = mode != "ckks"
     digest = masking.mask_digest(mask) if 0 < mask.sum() < mask.size else None
     rng = np.random.default_rng(0)
 
@@ -115,7 +115,7 @@ def _fedmq_round(mode, keys, weights, base, sizes, mask, reps):
 
     enc_times, bodies = [], []
     for w, n in zip(weights, SAMPLES):
-        t, body = _timed(lambda: protect(w, n), reps)
+        t, body = _timed(lambda w=w, n=n: protect(w, n), reps)
         enc_times.append(t)
         bodies.append(body)
 
@@ -172,7 +172,7 @@ def _flare_round(weights, layers, reps):
 
     enc_times, uploads = [], []
     for w in weights:
-        t, blobs = _timed(lambda: encrypt(w), reps)
+        t, blobs = _timed(lambda w=w: encrypt(w), reps)
         enc_times.append(t)
         uploads.append(blobs)
     alphas = [n / sum(SAMPLES) for n in SAMPLES]
@@ -218,8 +218,8 @@ def run(models: list[str], ps: tuple[float, ...] = PS, reps: int = 3, progress: 
         b_round = CLIENTS * b_enc + b_agg + b_dec
         bar.update(1)
         plain_bodies = [w.astype("<f4").tobytes() for w in weights]
-        plain_agg_s, _ = _timed(lambda: sum(np.frombuffer(b, "<f4").astype(np.float64) * s
-                                            for b, s in zip(plain_bodies, SAMPLES)) / sum(SAMPLES), reps)
+        plain_agg_s, _ = _timed(lambda bodies=plain_bodies: sum(np.frombuffer(b, "<f4").astype(np.float64) * s
+                                                                for b, s in zip(bodies, SAMPLES)) / sum(SAMPLES), reps)
         plain_bytes = 4 * n
         for mode, p in cases:
             bar.set_postfix_str(f"{name}: {mode} p={p}")
