@@ -78,13 +78,24 @@ def demo(agents: int = typer.Option(4, min=2, help="Number of agents."),
          kill_round: int = typer.Option(3, help="Round in which one agent is killed (0: none)."),
          workdir: Optional[Path] = typer.Option(None, help="Where configs, keys and logs go (default: a temp dir)."),
          chunk_kib: int = typer.Option(64, help="Upload chunk size in KiB."),
+         scheme: str = typer.Option("ckks", help="ckks | quantize | quantize+he"),
+         p: float = typer.Option(1.0, min=0.0, max=1.0, help="Encrypted fraction (ckks, quantize+he)."),
+         selection: str = typer.Option("sensitivity", help="sensitivity | random (when 0 < p < 1)."),
          timeout: float = typer.Option(600, help="Give up after this many seconds.")) -> None:
     """Broker, key authority, aggregator and N agents as processes; a few encrypted rounds."""
     configure("demo", "WARNING")
+    from pydantic import ValidationError
+
+    from fedmq import wire
     from fedmq.demo import run_demo
 
+    try:
+        protection = wire.Protection(scheme=scheme, p=p, mode=selection)
+    except ValidationError as exc:
+        typer.echo(f"invalid protection: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", err=True)
+        raise typer.Exit(2) from None
     raise typer.Exit(run_demo(agents=agents, rounds=rounds, kill_round=kill_round, workdir=workdir,
-                              chunk_kib=chunk_kib, timeout=timeout))
+                              chunk_kib=chunk_kib, timeout=timeout, protection=protection))
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures and write them to files.")

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmq import config as cfgmod
+from fedmq import masking, wire
 from fedmq.local_cluster import Cluster, Observer, RoundView, free_port
 
 
@@ -28,8 +29,8 @@ def _phase(view: RoundView, name: str) -> float | None:
     return _mean([t.phases[name].wall_s for t in view.telemetry.values() if name in t.phases])
 
 
-def render(rounds: dict[int, RoundView], console: Console) -> float | None:
-    table = Table(title="fedmq demo: encrypted FedAvg on digits (CKKS, full encryption)")
+def render(rounds: dict[int, RoundView], console: Console, title: str) -> float | None:
+    table = Table(title=title)
     for col in ("round", "status", "agents", "dropped", "accuracy", "uploaded",
                 "train s", "encrypt s", "aggregate s", "decrypt s"):
         table.add_column(col, justify="right")
@@ -44,7 +45,8 @@ def render(rounds: dict[int, RoundView], console: Console) -> float | None:
         dropped = ", ".join(c.dropped) if c else "-"
         if v.killed:
             dropped = dropped.replace(v.killed, f"{v.killed} (SIGKILL)")
-        table.add_row(str(rnd), c.status if c else "open",
+        status = (c.status if c else "open") if v.purpose == "train" else "mask agreed" if c else "agreeing"
+        table.add_row(str(rnd), status,
                       f"{len(c.participants)}/{len(v.selected)}" if c else "-", dropped,
                       "-" if acc is None else f"{acc:.4f}", f"{c.bytes_received / 1e6:.2f} MB" if c else "-",
                       fmt(_phase(v, "train")), fmt(_phase(v, "encrypt")), fmt(c.agg_s if c else None),
@@ -54,18 +56,29 @@ def render(rounds: dict[int, RoundView], console: Console) -> float | None:
 
 
 def run_demo(*, agents: int, rounds: int, kill_round: int, workdir: Path | None, chunk_kib: int,
-             timeout: float) -> int:
+             timeout: float, protection: wire.Protection | None = None) -> int:
+    """``rounds`` and ``kill_round`` count training rounds; a sensitivity-mode selective
+    task first agrees on its mask in an extra encrypted round."""
+    protection = protection or wire.Protection()
+    agreement = int(masking.needs_agreement(protection.scheme, protection.p, protection.mode))
+    last_round = rounds + agreement
+    kill_round = kill_round + agreement if kill_round else 0
     console = Console(width=max(Console().width, 120))
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="fedmq-demo-")
         workdir = Path(tmp.name)
+    quantized = protection.scheme != "ckks"
     cluster = Cluster(workdir=workdir, port=free_port(), n_agents=agents, rounds=rounds,
-                      chunk_size=chunk_kib * 1024)
+                      chunk_size=chunk_kib * 1024, protection=protection,
+                      quantization=cfgmod.QuantizationSettings(n_ref=1437 // agents, max_agents=max(8, agents))
+                      if quantized else None)
     victim = cluster.agent_ids[-1] if kill_round else None
     if victim:
-        # The victim uploads slowly so that the SIGKILL lands mid-upload, deterministically.
-        cluster.agent_overrides[victim] = {"faults": cfgmod.FaultSettings(chunk_delay_s=0.4)}
+        # The victim uploads slowly, in several chunks even when its update is small
+        # (quantized), so that the SIGKILL lands mid-upload, deterministically.
+        cluster.agent_overrides[victim] = {"faults": cfgmod.FaultSettings(chunk_delay_s=0.4),
+                                           "chunk_size": 4096 if quantized else chunk_kib * 1024}
     cluster.write_configs(min_agents=max(2, agents // 2))
     console.print(f"[bold]fedmq demo[/]: {agents} agents, {rounds} rounds, broker on 127.0.0.1:{cluster.port}, "
                   f"work dir {workdir}")
@@ -89,10 +102,10 @@ def run_demo(*, agents: int, rounds: int, kill_round: int, workdir: Path | None,
                 c = observer.rounds[event[1]].closed
                 console.print(f"round {event[1]} {c.status}: {c.reason}")
                 last_closed = max(last_closed, event[1])
-                if last_closed >= rounds:
+                if last_closed >= last_round:
                     telemetry_wait_until = time.monotonic() + 10
             if telemetry_wait_until is not None:
-                view = observer.rounds[rounds]
+                view = observer.rounds[last_round]
                 if set(view.closed.participants) <= set(view.telemetry) or time.monotonic() > telemetry_wait_until:
                     break
             if cluster.procs["aggregator"].poll() not in (None, 0):
@@ -103,9 +116,11 @@ def run_demo(*, agents: int, rounds: int, kill_round: int, workdir: Path | None,
         if observer:
             observer.close()
         cluster.stop_all()
-    final = render(observer.rounds if observer else {}, console)
+    what = f"{protection.scheme}, p={protection.p:g}" + (f", {protection.mode} selection" if 0 < protection.p < 1
+                                                           and protection.scheme != "quantize" else "")
+    final = render(observer.rounds if observer else {}, console, f"fedmq demo: FedAvg on digits ({what})")
     closed = sum(1 for r, v in (observer.rounds.items() if observer else []) if v.closed and
-                 v.closed.status == "aggregated" and r > 0)
+                 v.closed.status == "aggregated" and r > 0 and v.purpose == "train")
     print(f"demo: {closed} rounds closed, final accuracy {final if final is not None else 0:.2f}")
     if tmp is not None:
         tmp.cleanup()

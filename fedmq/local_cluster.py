@@ -48,6 +48,7 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 @dataclass
 class RoundView:
     selected: list[str] = field(default_factory=list)
+    purpose: str = "train"
     closed: wire.RoundClosed | None = None
     telemetry: dict[str, wire.Telemetry] = field(default_factory=dict)
     killed: str | None = None
@@ -192,7 +193,7 @@ class Observer:
             return None
         view = self.rounds.setdefault(env.round, RoundView())
         if info.family == "round_start":
-            view.selected = body.selected
+            view.selected, view.purpose = body.selected, body.purpose
             return "start", env.round
         if info.family == "round_closed":
             view.closed = body
