@@ -103,7 +103,7 @@ class DigitsTrainer:
 
     def sensitivity(self, weights: np.ndarray, samples: int) -> np.ndarray:
         """Sensitivity map of the given model on the first ``samples`` local samples."""
-        from agent.sensitivity import sensitivity_map
+        from fedmq.sensitivity import sensitivity_map
 
         self.load(weights)
         k = min(samples, len(self._y))

@@ -118,7 +118,7 @@ def bench_he(json_out: Path = typer.Option(Path("benchmarks/results/he.json"), "
     names = models.split(",") if models else (["linear", "lenet5", "cnn"] if quick
                                               else ["linear", "lenet5", "cnn", "resnet18"])
     rows = bench.run(names, reps=reps or (1 if quick else 3))
-    doc = bench.write(rows, json_out, quick)
+    doc = bench.write(rows, json_out, quick, bench.sensitivity_timing(names))
     png = png or json_out.with_suffix(".png")
     bench.plot(rows, png)
     table = Table(title=f"3-client round, fedmq vs FLARE-style CKKS (cpus: {os.cpu_count()})")
@@ -132,6 +132,9 @@ def bench_he(json_out: Path = typer.Option(Path("benchmarks/results/he.json"), "
                       f"{r.ratio_to_baseline:.3f}", f"{r.rel_err:.1e}")
     console = Console(width=max(Console().width, 160))
     console.print(table)
+    for t in doc["sensitivity"]:
+        console.print(f"sensitivity map of {t['model']} ({t['params']:,} params, K={t['samples']}): "
+                      f"{t['seconds']:.2f} s")
     for t in doc["targets"]:
         console.print(f"{'PASS' if t['met'] else 'MISS'}  {t['target']}: {t['measured']}")
     console.print(f"wrote {json_out} and {png}")

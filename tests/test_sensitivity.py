@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from agent.sensitivity import sensitivity_map
+from fedmq.sensitivity import sensitivity_map
 from fedmq.models import layer_sizes
 
 

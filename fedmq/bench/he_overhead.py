@@ -242,6 +242,30 @@ def run(models: list[str], ps: tuple[float, ...] = PS, reps: int = 3, progress: 
     return rows
 
 
+INPUT_SHAPES = {"linear": (784,), "lenet5": (1, 32, 32), "cnn": (1, 28, 28), "resnet18": (3, 32, 32)}
+
+
+def sensitivity_timing(models: list[str], samples: int = 64) -> list[dict]:
+    """Seconds for one agent's sensitivity map (seed 000, step 1) on K random inputs."""
+    import torch
+
+    from fedmq.models import BENCH_MODELS, n_params
+    from fedmq.sensitivity import sensitivity_map
+
+    out = []
+    for name in models:
+        torch.manual_seed(0)
+        model = BENCH_MODELS[name]()
+        x = torch.randn(samples, *INPUT_SHAPES[name])
+        y = torch.randint(0, 10, (samples,))
+        t0 = time.perf_counter()
+        scores = sensitivity_map(model, x, y, batch_size=16)
+        out.append({"model": name, "params": n_params(model), "samples": samples,
+                    "seconds": time.perf_counter() - t0, "finite": bool(np.isfinite(scores).all()),
+                    "torch_threads": torch.get_num_threads()})
+    return out
+
+
 def targets(rows: list[Row]) -> list[tuple[str, bool, str]]:
     """Issue 3's targets, evaluated on the measured rows."""
     out = []
@@ -302,13 +326,13 @@ def plot(rows: list[Row], png: Path) -> None:
     plt.close(fig)
 
 
-def write(rows: list[Row], json_path: Path, quick: bool) -> dict:
+def write(rows: list[Row], json_path: Path, quick: bool, sensitivity: list[dict] | None = None) -> dict:
     doc = {
         "benchmark": "he", "quick": quick, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "fedmq_ckks": asdict(he.CkksParams()), "fedmq_bfv": asdict(he.BfvParams()), "flare_ckks": FLARE,
         "quantization_plan": BENCH_PLAN.to_wire(), "samples_per_client": SAMPLES,
-        "rows": [asdict(r) for r in rows],
+        "rows": [asdict(r) for r in rows], "sensitivity": sensitivity or [],
         "targets": [{"target": t, "met": ok, "measured": m} for t, ok, m in targets(rows)],
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
