@@ -327,7 +327,7 @@ class Agent:
         with clock.phase("serialize"):
             encoded = wire.encode_body(update)
         with clock.phase("upload"):
-            sent = self.session.send_stream(
+            sent, _ = self.session.send_stream(
                 lambda seq: topics.update_chunk(self.task, rnd, self.id, seq), None, task=self.task, rnd=rnd,
                 chunk_size=self.cfg.chunk_size, delay_s=self.cfg.faults.chunk_delay_s, encoded=encoded)
         self.sent_bytes[rnd] = sent

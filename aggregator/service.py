@@ -53,6 +53,7 @@ class Aggregator:
         self.model_version = 0
         self.next_round = 1
         self._quorum_online_since: float | None = None
+        self._retained: dict[int, int] = {}  # round -> result chunks this process left retained
         self._state_file = Path(cfg.state_dir) / "aggregator_state.json"
         self._restore()
 
@@ -203,6 +204,16 @@ class Aggregator:
         log.info("round %d: folded %s's update (%d samples, %d bytes); %d/%d reported",
                  st.round, env.sender, update.num_samples, len(done.body), len(st.weights), len(st.selected))
 
+    def _clear_retained(self, keep_from: int) -> None:
+        """Drop the retained start/result/closed messages of old rounds from the broker,
+        keeping the last two rounds (agents rebuild from them) and the mask-agreement
+        round (late joiners derive the mask from it)."""
+        for rnd in [r for r in self._retained if r < keep_from and r != self.mask_round]:
+            for seq in range(self._retained.pop(rnd)):
+                self.session.delete_retained(topics.round_result(self.task, rnd, seq))
+            self.session.delete_retained(topics.round_start(self.task, rnd))
+            self.session.delete_retained(topics.round_closed(self.task, rnd))
+
     def _check_layout(self, st: RoundState, update: wire.Update) -> np.ndarray:
         """Reject an update whose packing or mask does not fit the task; returns its plaintext part."""
         if self.n_params is not None and update.n_params != self.n_params:
@@ -284,6 +295,7 @@ class Aggregator:
         st.closed = True
         dropped_partials = self.chunks.discard(keep=lambda key: key[1] > st.round)
         participants = sorted(st.weights)
+        chunks = 0
         if decision.outcome is Outcome.AGGREGATE:
             t0 = time.perf_counter()
             result = self.sum.result(participants, st.total_weight, purpose=st.purpose,
@@ -291,7 +303,7 @@ class Aggregator:
                                      base_version=st.model_version,
                                      scheme=self.protection.scheme if st.purpose == "train" else "ckks")
             self.agg_s += time.perf_counter() - t0
-            self.session.send_stream(lambda seq: topics.round_result(self.task, st.round, seq), result,
+            _, chunks = self.session.send_stream(lambda seq: topics.round_result(self.task, st.round, seq), result,
                                      task=self.task, rnd=st.round, chunk_size=self.cfg.chunk_size, retain=True)
             if st.purpose == "train":
                 self.model_version = st.round
@@ -300,6 +312,8 @@ class Aggregator:
                                   bytes_received=self.bytes_received, agg_s=self.agg_s)
         self.session.send(topics.round_closed(self.task, st.round), closed, task=self.task, rnd=st.round,
                           retain=True)
+        self._retained[st.round] = chunks
+        self._clear_retained(keep_from=st.round - 1)
         log.info("round %d %s: %s; participants %s, dropped %s, %d partial upload(s) discarded, agg %.3fs",
                  st.round, decision.outcome.value, decision.reason, participants, st.dropped,
                  dropped_partials, self.agg_s)

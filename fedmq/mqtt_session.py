@@ -151,9 +151,9 @@ class MqttSession:
 
     def send_stream(self, topic_of, msg: object, *, task: str, rnd: int, chunk_size: int,
                     retain: bool = False, delay_s: float = 0.0, timeout_s: float = 300.0,
-                    encoded: tuple[str, bytes] | None = None) -> int:
+                    encoded: tuple[str, bytes] | None = None) -> tuple[int, int]:
         """Publish a (possibly large) body as chunks on ``topic_of(seq)`` and wait for
-        the broker's PUBACKs; returns the bytes published. Raises BrokerError if the
+        the broker's PUBACKs; returns (bytes published, number of chunks). Raises BrokerError if the
         broker does not acknowledge (e.g. it dropped us for an oversize packet).
         ``encoded`` passes a body already serialized by ``wire.encode_body``."""
         kind, body = encoded or wire.encode_body(msg)
@@ -174,7 +174,7 @@ class MqttSession:
             if not info.is_published():
                 raise BrokerError(f"broker did not acknowledge chunk {info.mid} within {timeout_s}s "
                                   "(is the chunk larger than the broker's max packet size?)")
-        return sent
+        return sent, len(infos)
 
     def delete_retained(self, topic: str) -> None:
         self.publish(topic, b"", retain=True)

@@ -51,6 +51,18 @@ def test_quantized_rounds(cluster_factory, scheme, p):
             except queue.Empty:
                 break
         sniffer.close()
+        # Old rounds' retained messages are cleared from the broker; the last two stay.
+        late = MqttSession(cfgmod.BrokerEndpoint(port=cluster.port), "late-joiner")
+        late.subscribe("rounds/#")
+        late.connect()
+        retained = set()
+        while True:
+            try:
+                retained.add(int(late.inbox.get(timeout=1).topic.split("/")[2]))
+            except queue.Empty:
+                break
+        late.close()
+        assert retained == {2, 3}
     # Each agent rebuilt round 2's model from integer sums only it can dequantize; that
     # model is the base it trained round 3 from. It equals the weighted FedAvg within
     # the error the plan's bit widths allow.
