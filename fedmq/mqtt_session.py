@@ -44,6 +44,7 @@ class MqttSession:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._subs: dict[str, int] = {}
+        self._unacked: list[mqtt.MQTTMessageInfo] = []  # QoS 1 publishes to flush before close
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._sub_mid: int | None = None
@@ -86,7 +87,18 @@ class MqttSession:
             reason = self._refused or f"no CONNACK/SUBACK within {ep.connect_timeout_s}s"
             raise BrokerError(f"broker {ep.host}:{ep.port} refused {self.client_id!r}: {reason}")
 
-    def close(self) -> None:
+    def close(self, flush_s: float = 5.0) -> None:
+        """Disconnect after the broker acknowledged what we published (bounded wait),
+        so a role's last words — a round's close, an offline status — are not lost."""
+        deadline = time.monotonic() + flush_s
+        for info in self._unacked:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.connected:
+                break
+            try:
+                info.wait_for_publish(remaining)
+            except (RuntimeError, ValueError):
+                pass
         try:
             self.client.disconnect()
         finally:
@@ -142,6 +154,10 @@ class MqttSession:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise BrokerError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
         self.bytes_sent += len(payload)
+        if qos > 0:
+            if len(self._unacked) > 256:
+                self._unacked = [i for i in self._unacked if not i.is_published()]
+            self._unacked.append(info)
         return info
 
     def send(self, topic: str, msg: object, *, task: str, rnd: int, retain: bool = False) -> mqtt.MQTTMessageInfo:
@@ -176,5 +192,6 @@ class MqttSession:
                                   "(is the chunk larger than the broker's max packet size?)")
         return sent, len(infos)
 
-    def delete_retained(self, topic: str) -> None:
-        self.publish(topic, b"", retain=True)
+    def delete_retained(self, topic: str, timeout_s: float = 10.0) -> None:
+        """Clear a retained message, confirmed by the broker (so it holds across our exit)."""
+        self.publish(topic, b"", retain=True).wait_for_publish(timeout_s)

@@ -58,9 +58,14 @@ def test_quantized_rounds(cluster_factory, scheme, p):
         retained = set()
         while True:
             try:
-                retained.add(int(late.inbox.get(timeout=1).topic.split("/")[2]))
+                msg = late.inbox.get(timeout=1)
             except queue.Empty:
                 break
+            # amqtt 0.12.1 also replays retained messages of other clients' filters on connect
+            # (broker.py, "pre-existing session's subscriptions"), and keeps a cleared retained
+            # topic with an empty payload: count only what we asked for and what holds data.
+            if msg.topic.startswith("rounds/") and msg.payload:
+                retained.add(int(msg.topic.split("/")[2]))
         late.close()
         assert retained == {2, 3}
     # Each agent rebuilt round 2's model from integer sums only it can dequantize; that
