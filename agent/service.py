@@ -56,6 +56,9 @@ class Agent:
         self.sensitivity: dict[int, np.ndarray] = {}  # sensitivity round -> decrypted aggregate map
         self.masks: dict[bytes, np.ndarray] = {}  # mask digest -> mask
         self.clipped: dict[int, int] = {}  # round -> values clipped to the quantization plan
+        # round -> (encoded update, chunk size), kept until the round's result: the
+        # aggregator may ask for chunks it lacks after its restart or our reconnect.
+        self.uploads: dict[int, tuple[tuple[str, bytes], int]] = {}
         self.handled_rounds: set[int] = set()
         self.clocks: dict[int, PhaseClock] = {}
         self.sent_bytes: dict[int, int] = {}
@@ -72,6 +75,7 @@ class Agent:
             return
         s.subscribe(topics.all_round_starts(self.task))
         s.subscribe(topics.all_results(self.task))
+        s.subscribe(topics.own_resends(self.task, self.id))
         s.send(topics.agent_status(self.id), wire.AgentStatus(state="online"), task=self.task, rnd=0, retain=True)
         log.info("%s online and waiting for rounds of task %s", self.id, self.task)
         while not stop.is_set():
@@ -152,6 +156,10 @@ class Agent:
                 self._on_round_start(env)
             elif info.family == "result":
                 self._on_result_chunk(env)
+            elif info.family == "resend":
+                if info.agent != self.id:
+                    raise wire.WireError("resend request for another agent")
+                self._on_resend(env)
             else:
                 raise wire.WireError(f"agent does not consume {info.family} messages")
         except (ValueError, he.HEError) as exc:
@@ -220,6 +228,8 @@ class Agent:
                 accuracy = trainer.evaluate(weights)
             self._adopt(rnd, weights, accuracy, result)
         self._publish_telemetry(rnd, clock, accuracy, len(done.body))
+        for old in [r for r in self.uploads if r <= rnd]:
+            del self.uploads[old]
         self.chunks.discard(keep=lambda key: key[0] != "result" or key[1] >= rnd)
         if self.parked and self._ready_for(self.parked[1]):
             prnd, start = self.parked
@@ -232,6 +242,21 @@ class Agent:
         self.last_accuracy = accuracy
         log.info("%s: round %d result from %d agents decrypted; test accuracy %.4f",
                  self.id, rnd, len(result.participants), accuracy)
+
+    def _on_resend(self, env: wire.Envelope) -> None:
+        req: wire.ResendRequest = wire.decode_body(env.kind, env.body)
+        kept = self.uploads.get(env.round)
+        if kept is None:
+            log.info("%s: aggregator asks for round %d chunks, but no upload of that round is kept", self.id,
+                     env.round)
+            return
+        encoded, chunk_size = kept
+        only = set(req.missing) or None
+        sent, chunks = self.session.send_stream(
+            lambda seq: topics.update_chunk(self.task, env.round, self.id, seq), None, task=self.task,
+            rnd=env.round, chunk_size=chunk_size, encoded=encoded, only=only)
+        log.info("%s: resent %d chunk(s) (%d bytes) of round %d at the aggregator's request", self.id, chunks, sent,
+                 env.round)
 
     def _mask_of_result(self, result: wire.Result) -> np.ndarray:
         if result.n_encrypted in (0, result.n_params):
@@ -326,6 +351,7 @@ class Agent:
     def _upload(self, rnd: int, clock: PhaseClock, update: wire.Update) -> None:
         with clock.phase("serialize"):
             encoded = wire.encode_body(update)
+        self.uploads[rnd] = (encoded, self.cfg.chunk_size)
         with clock.phase("upload"):
             sent, _ = self.session.send_stream(
                 lambda seq: topics.update_chunk(self.task, rnd, self.id, seq), None, task=self.task, rnd=rnd,

@@ -25,6 +25,7 @@ from fedmq.aggregation import RoundSum
 from fedmq.signals import stop_event
 
 from aggregator.round_state import Decision, Outcome, Rejected, RoundState
+from aggregator.round_store import RoundStore
 
 log = logging.getLogger("fedmq.aggregator")
 
@@ -52,9 +53,11 @@ class Aggregator:
         self.n_params: int | None = None
         self.model_version = 0
         self.next_round = 1
+        self.rounds_done = 0  # training rounds closed (aggregated or aborted)
         self._quorum_online_since: float | None = None
         self._retained: dict[int, int] = {}  # round -> result chunks this process left retained
         self._state_file = Path(cfg.state_dir) / "aggregator_state.json"
+        self.store = RoundStore(Path(cfg.state_dir))
         self._restore()
 
     # ------------------------------------------------------------------ persistence
@@ -63,6 +66,7 @@ class Aggregator:
             saved = json.loads(self._state_file.read_text())
             self.next_round, self.model_version = saved["next_round"], saved["model_version"]
             self.n_params = saved.get("n_params")
+            self.rounds_done = saved.get("rounds_done", 0)
             if saved.get("protection") == _protection_key(self.protection):
                 self.mask_round = saved.get("mask_round", 0)
                 digest = saved.get("mask_digest")
@@ -72,6 +76,7 @@ class Aggregator:
     def _persist(self) -> None:
         write_private(self._state_file, json.dumps({
             "next_round": self.next_round, "model_version": self.model_version, "n_params": self.n_params,
+            "rounds_done": self.rounds_done,
             "protection": _protection_key(self.protection), "mask_round": self.mask_round,
             "mask_digest": self.mask_digest.hex() if self.mask_digest else None,
         }).encode())
@@ -85,8 +90,15 @@ class Aggregator:
         s.connect()
         log.info("waiting for the public context of task %s", self.task)
         self._pump(stop, until=lambda: self.ctx is not None)
-        rounds_done = 0
-        while not stop.is_set() and (self.cfg.rounds == 0 or rounds_done < self.cfg.rounds):
+        resumed = self._resume()
+        while not stop.is_set() and (self.cfg.rounds == 0 or self.rounds_done < self.cfg.rounds):
+            if resumed:
+                resumed = False
+                self._pump(stop, until=self._closable)
+                if stop.is_set():
+                    break
+                self._close_round(self.state.decide(time.time()))
+                continue
             self._quorum_online_since = None
             if not self._pump(stop, until=self._enough_online, timeout=self.cfg.wait_for_agents_s):
                 log.warning("only %d agent(s) online, need %d; still waiting", len(self.online), self.cfg.min_agents)
@@ -96,13 +108,8 @@ class Aggregator:
             self._pump(stop, until=self._closable)
             if stop.is_set():
                 break
-            outcome = self._close_round(self.state.decide(time.time()))
-            if purpose == "train":
-                rounds_done += 1
-            elif outcome is Outcome.AGGREGATE:
-                self.mask_round = self.state.round
-                self._persist()
-        log.info("aggregator done after %d round(s)", rounds_done)
+            self._close_round(self.state.decide(time.time()))
+        log.info("aggregator done after %d training round(s)", self.rounds_done)
 
     def _pump(self, stop: threading.Event, until, timeout: float | None = None) -> bool:
         """Handle inbound messages until ``until()`` holds; False on timeout/stop."""
@@ -116,6 +123,45 @@ class Aggregator:
                 continue
             self.dispatch(msg)
         return True
+
+    def _resume(self) -> bool:
+        """Pick up the round that was open when this process died (``kill -9``): its
+        state, its running sum, and the chunks of unfinished uploads. Agents that had
+        finished are not asked again; the others are asked for what is missing."""
+        saved = self.store.load()
+        if saved is None:
+            return False
+        st, layout, blob, chunks = saved
+        if st.round < self.next_round:  # it closed; we died before forgetting it
+            self.store.close()
+            return False
+        self.state = st
+        self.n_encrypted = layout.get("n_encrypted")
+        self.code_layout = [tuple(x) for x in layout["code_layout"]] if layout.get("code_layout") else None
+        quantized = self.protection.scheme != "ckks" and st.purpose == "train"
+        self.sum = RoundSum.from_bytes(blob, ckks=self.ctx, bfv=self.bfv_ctx) if blob else \
+            RoundSum(quantized=quantized, ckks=self.ctx, bfv=self.bfv_ctx)
+        self.bytes_received, self.agg_s = 0, 0.0
+        restored = 0
+        for raw in chunks:
+            try:
+                self.chunks.add(wire.decode_envelope(raw, max_bytes=self.cfg.max_message_bytes))
+                restored += 1
+            except wire.WireError:
+                pass
+        log.info("resumed round %d after a restart: %d update(s) already folded %s, %d chunk(s) of unfinished "
+                 "uploads restored", st.round, len(st.weights), sorted(st.weights), restored)
+        for agent in sorted(st.selected - st.weights.keys()):
+            self._ask_for_missing(agent)
+        return True
+
+    def _ask_for_missing(self, agent: str) -> None:
+        st = self.state
+        missing = self.chunks.missing("update", st.round, agent) or []
+        self.session.send(topics.resend(self.task, st.round, agent), wire.ResendRequest(missing=missing),
+                          task=self.task, rnd=st.round)
+        log.info("asked %s for %s of its round-%d upload", agent,
+                 f"{len(missing)} missing chunk(s)" if missing else "all", st.round)
 
     def _needs_mask_agreement(self) -> bool:
         prot = self.protection
@@ -170,10 +216,14 @@ class Aggregator:
     def _on_status(self, env: wire.Envelope) -> None:
         body: wire.AgentStatus = wire.decode_body(env.kind, env.body)
         if body.state == "online":
+            back = env.sender in self.gone
             self.online.add(env.sender)
             self.gone.discard(env.sender)
             if self.state:
                 self.state.mark_online(env.sender)
+                st = self.state
+                if back and not st.closed and env.sender in st.selected and env.sender not in st.weights:
+                    self._ask_for_missing(env.sender)  # it reconnected mid-round: resume its upload
         else:
             self.online.discard(env.sender)
             self.gone.add(env.sender)
@@ -188,6 +238,7 @@ class Aggregator:
         st.check(env.sender, time.time())
         done = self.chunks.add(env)
         if done is None:
+            self.store.add_chunk(env, wire.encode_envelope(env))
             return
         update: wire.Update = wire.decode_body(done.kind, done.body)
         plain = self._check_layout(st, update)
@@ -195,6 +246,8 @@ class Aggregator:
         self.sum.fold(update, plain)
         st.record(env.sender, update.num_samples, time.time())
         self.code_layout = [(len(c) // w, w) for c, w in zip(update.codes, update.code_widths)]
+        self.store.fold(st, {"n_encrypted": update.n_encrypted, "code_layout": self.code_layout},
+                        self.sum.to_bytes())
         self.agg_s += time.perf_counter() - t0
         self.n_params, self.n_encrypted = update.n_params, update.n_encrypted
         if st.purpose == "train" and self.mask_digest is None and update.mask_digest is not None:
@@ -286,6 +339,7 @@ class Aggregator:
         start = wire.RoundStart(model_version=self.model_version, deadline=deadline, selected=selected,
                                 quorum=quorum, purpose=purpose, protection=self.protection,
                                 mask_round=self.mask_round, mask_digest=self.mask_digest)
+        self.store.open(self.state)
         self.session.send(topics.round_start(self.task, rnd), start, task=self.task, rnd=rnd, retain=True)
         log.info("round %d (%s) open: %d agents selected, quorum %d, deadline in %.0fs, p=%s",
                  rnd, purpose, len(selected), quorum, self.cfg.round_timeout_s, self.protection.p)
@@ -319,7 +373,12 @@ class Aggregator:
                  dropped_partials, self.agg_s)
         self.sum = None  # free the sums: O(model) memory per open round only
         self.next_round = st.round + 1
+        if st.purpose == "train":
+            self.rounds_done += 1
+        elif decision.outcome is Outcome.AGGREGATE:
+            self.mask_round = st.round
         self._persist()
+        self.store.close()
         return decision.outcome
 
 

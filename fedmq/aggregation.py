@@ -8,6 +8,7 @@ dequantize. Used by the aggregator daemon and by the benchmarks.
 
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 
 from fedmq import he, wire
@@ -56,3 +57,27 @@ class RoundSum:
         return wire.Result(participants=participants, total_weight=total_weight, n_params=self.n_params,
                            n_encrypted=self.n_encrypted, ciphertexts=he.serialize_all(self.acc or []),
                            plain_avg=plain_avg, code_sums=sums, code_sum_widths=widths, **extra)
+
+    def to_bytes(self) -> bytes:
+        """The whole running sum, for crash-safe persistence."""
+        return msgpack.packb({
+            "quantized": self.quantized, "acc": he.serialize_all(self.acc or []),
+            "plain": None if self.plain is None else self.plain.astype("<f8").tobytes(),
+            "codes": [c.astype("<i8").tobytes() for c in self.codes or []], "code_widths": self.code_widths,
+            "n_params": self.n_params, "n_encrypted": self.n_encrypted, "n_ciphertexts": self.n_ciphertexts,
+        }, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, ckks=None, bfv=None) -> "RoundSum":
+        raw = msgpack.unpackb(data, raw=False)
+        out = cls(quantized=raw["quantized"], ckks=ckks, bfv=bfv)
+        out.n_params, out.n_encrypted, out.n_ciphertexts = raw["n_params"], raw["n_encrypted"], raw["n_ciphertexts"]
+        if raw["acc"]:
+            out.acc = he.bfv_load(bfv, raw["acc"]) if out.quantized else \
+                he.load_ciphertexts(ckks, raw["acc"], out.n_encrypted)
+        if raw["plain"] is not None:
+            out.plain = np.frombuffer(raw["plain"], dtype="<f8").copy()
+        if raw["codes"]:
+            out.codes = [np.frombuffer(c, dtype="<i8").copy() for c in raw["codes"]]
+        out.code_widths = list(raw["code_widths"])
+        return out

@@ -167,14 +167,17 @@ class MqttSession:
 
     def send_stream(self, topic_of, msg: object, *, task: str, rnd: int, chunk_size: int,
                     retain: bool = False, delay_s: float = 0.0, timeout_s: float = 300.0,
-                    encoded: tuple[str, bytes] | None = None) -> tuple[int, int]:
+                    encoded: tuple[str, bytes] | None = None, only: set[int] | None = None) -> tuple[int, int]:
         """Publish a (possibly large) body as chunks on ``topic_of(seq)`` and wait for
         the broker's PUBACKs; returns (bytes published, number of chunks). Raises BrokerError if the
         broker does not acknowledge (e.g. it dropped us for an oversize packet).
-        ``encoded`` passes a body already serialized by ``wire.encode_body``."""
+        ``encoded`` passes a body already serialized by ``wire.encode_body``; ``only``
+        restricts publishing to those chunk numbers (a resumed upload)."""
         kind, body = encoded or wire.encode_body(msg)
         sent, infos = 0, []
         for env in split(kind, task, rnd, self.client_id, body, chunk_size):
+            if only is not None and env.seq not in only:
+                continue
             payload = wire.encode_envelope(env)
             infos.append(self.publish(topic_of(env.seq), payload, retain=retain))
             sent += len(payload)

@@ -32,6 +32,14 @@ def round_result(task: str, rnd: int, seq: int) -> str:
     return f"rounds/{task}/{rnd}/result/{seq}"
 
 
+def resend(task: str, rnd: int, agent: str) -> str:
+    return f"rounds/{task}/{rnd}/resend/{agent}"
+
+
+def own_resends(task: str, agent: str) -> str:
+    return f"rounds/{task}/+/resend/{agent}"
+
+
 def update_chunk(task: str, rnd: int, agent: str, seq: int) -> str:
     return f"updates/{task}/{rnd}/{agent}/{seq}"
 
@@ -109,6 +117,8 @@ def parse(topic: str) -> TopicInfo:
                 return TopicInfo("round_start", task, int(rnd))
             case ["rounds", task, rnd, "closed"]:
                 return TopicInfo("round_closed", task, int(rnd))
+            case ["rounds", task, rnd, "resend", agent]:
+                return TopicInfo("resend", task, int(rnd), agent)
             case ["rounds", task, rnd, "result", seq]:
                 return TopicInfo("result", task, int(rnd), seq=int(seq))
             case ["updates", task, rnd, agent, seq]:

@@ -243,6 +243,14 @@ class Result:
 
 
 @message(config=_STRICT)
+class ResendRequest:
+    """The aggregator lacks (part of) an agent's upload for an open round: after its
+    own restart, or after the agent reconnected. ``missing`` empty means all chunks."""
+
+    missing: _list(Annotated[int, Strict(), Field(ge=0, le=MAX_CHUNKS)], max_length=MAX_CHUNKS)
+
+
+@message(config=_STRICT)
 class EnrollRequest:
     public_key: _fixed_bytes(32)
     nonce: _fixed_bytes(16)
@@ -313,6 +321,7 @@ BODY_TYPES: dict[str, type] = {
     "public_context": PublicContext,
     "status": AgentStatus,
     "telemetry": Telemetry,
+    "resend": ResendRequest,
     "sealed_keys": SealedKeys,  # only ever inside a sealed box, never an envelope kind on the wire
 }
 KIND_OF = {cls: kind for kind, cls in BODY_TYPES.items()}
@@ -326,6 +335,7 @@ FAMILY_KINDS: dict[str, set[str]] = {
     "public_context": {"public_context"},
     "status": {"status"},
     "telemetry": {"telemetry"},
+    "resend": {"resend"},
 }
 _ADAPTERS = {kind: TypeAdapter(cls) for kind, cls in BODY_TYPES.items()}
 
