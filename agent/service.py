@@ -20,7 +20,7 @@ import numpy as np
 from fedmq import he, masking, protection, topics, wire
 from fedmq.chunking import Reassembler, single
 from fedmq.config import AgentConfig
-from fedmq.mqtt_session import Inbound, MqttSession
+from fedmq.mqtt_session import BrokerError, Inbound, MqttSession
 from fedmq.quantization import QuantPlan
 from fedmq.sealing import SealedBox, agent_box_info, enrollment_proof, new_keypair, open_box
 from fedmq.telemetry import PhaseClock
@@ -76,7 +76,9 @@ class Agent:
         s.subscribe(topics.all_round_starts(self.task))
         s.subscribe(topics.all_results(self.task))
         s.subscribe(topics.own_resends(self.task, self.id))
-        s.send(topics.agent_status(self.id), wire.AgentStatus(state="online"), task=self.task, rnd=0, retain=True)
+        s.subscribe(topics.all_round_closed(self.task))
+        self._announce_online()
+        s.on_reconnect = self._announce_online
         log.info("%s online and waiting for rounds of task %s", self.id, self.task)
         while not stop.is_set():
             try:
@@ -84,6 +86,12 @@ class Agent:
             except queue.Empty:
                 continue
             self.dispatch(msg)
+
+    def _announce_online(self) -> None:
+        """Retained 'online' — again after every reconnect, since the broker published
+        our last will ('offline') when the connection dropped."""
+        self.session.send(topics.agent_status(self.id), wire.AgentStatus(state="online"), task=self.task, rnd=0,
+                          retain=True)
 
     def stop(self) -> None:
         """Clean shutdown: say offline ourselves (the last will covers crashes)."""
@@ -156,6 +164,8 @@ class Agent:
                 self._on_round_start(env)
             elif info.family == "result":
                 self._on_result_chunk(env)
+            elif info.family == "round_closed":
+                self._on_round_closed(env)
             elif info.family == "resend":
                 if info.agent != self.id:
                     raise wire.WireError("resend request for another agent")
@@ -228,7 +238,8 @@ class Agent:
                 accuracy = trainer.evaluate(weights)
             self._adopt(rnd, weights, accuracy, result)
         self._publish_telemetry(rnd, clock, accuracy, len(done.body))
-        for old in [r for r in self.uploads if r <= rnd]:
+        self._settle_upload(rnd, result.participants, "aggregated", f"{len(result.participants)} agents made it")
+        for old in [r for r in self.uploads if r < rnd]:
             del self.uploads[old]
         self.chunks.discard(keep=lambda key: key[0] != "result" or key[1] >= rnd)
         if self.parked and self._ready_for(self.parked[1]):
@@ -242,6 +253,18 @@ class Agent:
         self.last_accuracy = accuracy
         log.info("%s: round %d result from %d agents decrypted; test accuracy %.4f",
                  self.id, rnd, len(result.participants), accuracy)
+
+    def _on_round_closed(self, env: wire.Envelope) -> None:
+        """A round closed without our update (we were late, or it was aborted): say so
+        and let the kept upload go — it contributes to nothing."""
+        closed: wire.RoundClosed = wire.decode_body(env.kind, env.body)
+        self._settle_upload(env.round, closed.participants, closed.status, closed.reason)
+
+    def _settle_upload(self, rnd: int, participants: list[str], status: str, reason: str) -> None:
+        """The round is over: forget the kept upload, and say so if it did not count."""
+        if self.uploads.pop(rnd, None) is not None and self.id not in participants:
+            log.warning("%s: round %d %s without my update (%s); it contributes nothing", self.id, rnd, status,
+                        reason)
 
     def _on_resend(self, env: wire.Envelope) -> None:
         req: wire.ResendRequest = wire.decode_body(env.kind, env.body)
@@ -353,9 +376,14 @@ class Agent:
             encoded = wire.encode_body(update)
         self.uploads[rnd] = (encoded, self.cfg.chunk_size)
         with clock.phase("upload"):
-            sent, _ = self.session.send_stream(
-                lambda seq: topics.update_chunk(self.task, rnd, self.id, seq), None, task=self.task, rnd=rnd,
-                chunk_size=self.cfg.chunk_size, delay_s=self.cfg.faults.chunk_delay_s, encoded=encoded)
+            try:
+                sent, _ = self.session.send_stream(
+                    lambda seq: topics.update_chunk(self.task, rnd, self.id, seq), None, task=self.task, rnd=rnd,
+                    chunk_size=self.cfg.chunk_size, delay_s=self.cfg.faults.chunk_delay_s, encoded=encoded)
+            except BrokerError as exc:
+                # The update is kept: once we are back, the aggregator asks for what it lacks.
+                log.warning("%s: round %d upload interrupted (%s); kept for resumption", self.id, rnd, exc)
+                return
         self.sent_bytes[rnd] = sent
         log.info("%s: round %d update sent: %d samples, %d/%d values encrypted in %d ciphertexts, %d bytes",
                  self.id, rnd, update.num_samples, update.n_encrypted, update.n_params,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -154,6 +155,18 @@ class Aggregator:
         for agent in sorted(st.selected - st.weights.keys()):
             self._ask_for_missing(agent)
         return True
+
+    def _select(self, online: list[str], cap: int, rnd: int) -> list[str]:
+        """Every online agent, or — over-provisioned — ceil(overprovision x quorum) of them
+        at random (seeded per round, so a restarted aggregator would pick the same)."""
+        want = len(online)
+        if self.cfg.overprovision:
+            want = max(self.cfg.min_agents, math.ceil(self.cfg.overprovision * self.cfg.min_agents))
+        want = min(want, cap, len(online))
+        if want == len(online):
+            return online
+        rng = np.random.default_rng([self.cfg.selection_seed, rnd])
+        return sorted(rng.choice(online, size=want, replace=False).tolist())
 
     def _ask_for_missing(self, agent: str) -> None:
         st = self.state
@@ -329,7 +342,7 @@ class Aggregator:
         cap = self.cfg.max_agents
         if self.protection.scheme != "ckks" and self.max_summands:
             cap = min(cap, self.max_summands)  # more would overflow the plan's integer lanes
-        selected = sorted(self.online)[:cap]
+        selected = self._select(sorted(self.online), cap, rnd)
         quorum = min(self.cfg.min_agents, len(selected))
         deadline = time.time() + self.cfg.round_timeout_s
         self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline, purpose=purpose)

@@ -126,6 +126,10 @@ class AggregatorConfig(_Section):
     rounds: Annotated[int, Field(ge=0)] = 5  # 0: run until stopped
     min_agents: Annotated[int, Field(ge=1)] = 2  # quorum
     max_agents: Annotated[int, Field(ge=1)] = 1000
+    # Over-provisioning: select this many times the quorum (at random among the online
+    # agents, at least the quorum), so dropouts still leave a quorum. 0: every online agent.
+    overprovision: Annotated[float, Field(ge=0)] = 0.0
+    selection_seed: int = 0
     # A round starts as soon as target_agents are online, or, with at least
     # min_agents online, once selection_grace_s has passed (0: target = min_agents).
     target_agents: Annotated[int, Field(ge=0)] = 0

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -45,6 +46,10 @@ class MqttSession:
         self.bytes_received = 0
         self._subs: dict[str, int] = {}
         self._unacked: list[mqtt.MQTTMessageInfo] = []  # QoS 1 publishes to flush before close
+        self._ever_connected = False
+        # Called (in paho's thread) after every *re*connection: the broker has published
+        # our last will by then, so a role re-announces itself here.
+        self.on_reconnect: Callable[[], None] | None = None
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._sub_mid: int | None = None
@@ -122,6 +127,10 @@ class MqttSession:
         else:
             self._subscribed.set()
         self._connected.set()
+        if self._ever_connected and self.on_reconnect is not None:
+            log.info("reconnected to the broker")
+            self.on_reconnect()
+        self._ever_connected = True
         log.debug("connected to %s:%s", self.endpoint.host, self.endpoint.port)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:

@@ -78,3 +78,19 @@ def test_duplicate_and_bad_weight():
 def test_impossible_quorum():
     with pytest.raises(ValueError):
         _round(quorum=4)
+
+
+def test_overprovisioned_selection(tmp_path):
+    from aggregator.service import Aggregator
+    from fedmq import config as cfgmod
+
+    online = [f"a{i}" for i in range(20)]
+    agg = Aggregator(cfgmod.AggregatorConfig(state_dir=tmp_path, min_agents=4, overprovision=1.5))
+    first = agg._select(online, cap=1000, rnd=1)
+    assert len(first) == 6 and set(first) <= set(online)
+    assert agg._select(online, cap=1000, rnd=1) == first  # deterministic per round
+    assert agg._select(online, cap=1000, rnd=2) != first  # re-sampled each round
+    assert agg._select(online[:3], cap=1000, rnd=1) == online[:3]  # fewer online: take them all
+    assert len(agg._select(online, cap=5, rnd=1)) == 5
+    everyone = Aggregator(cfgmod.AggregatorConfig(state_dir=tmp_path / "b", min_agents=4))
+    assert everyone._select(online, cap=1000, rnd=1) == online
