@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import msgpack
 from pydantic import ConfigDict, Field, Strict, StringConstraints, TypeAdapter, ValidationError
@@ -338,9 +338,6 @@ FAMILY_KINDS: dict[str, set[str]] = {
     "resend": {"resend"},
 }
 _ADAPTERS = {kind: TypeAdapter(cls) for kind, cls in BODY_TYPES.items()}
-
-M = TypeVar("M")
-
 
 def encode_body(msg: Any) -> tuple[str, bytes]:
     """Serialize a message body; returns its kind and bytes."""
