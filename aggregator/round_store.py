@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 from fedmq.private_files import ensure_private_dir
-from fedmq.wire import Envelope
+from fedmq.chunking import StreamKey
+from fedmq.wire import Envelope, decode_envelope, encode_envelope
 
 from aggregator.round_state import RoundState
 
@@ -44,9 +46,31 @@ class RoundStore:
             self.db.execute("INSERT OR REPLACE INTO open_round VALUES (1, ?, ?, NULL)", (_dump(st), "{}"))
 
     def add_chunk(self, env: Envelope, raw: bytes) -> None:
+        # A chunk needs to survive a crash of this process, not of the OS: an agent can
+        # always be asked again. WAL + synchronous=NORMAL gives exactly that without an
+        # fsync per chunk; the fold (which cannot be asked for again) commits with FULL.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._tx():
+                self.db.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?)",
+                                (env.round, env.sender, env.digest, env.seq, raw))
+        finally:
+            self.db.execute("PRAGMA synchronous=FULL")
+
+    def chunk_bodies(self, rnd: int, sender: str, digest: bytes) -> Iterator[bytes]:
+        rows = self.db.execute("SELECT envelope FROM chunks WHERE round = ? AND sender = ? AND digest = ? "
+                               "ORDER BY seq", (rnd, sender, digest))
+        for (raw,) in rows:
+            yield decode_envelope(raw, max_bytes=len(raw)).body
+
+    def drop_chunks(self, rnd: int, sender: str, digest: bytes) -> None:
         with self._tx():
-            self.db.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?)",
-                            (env.round, env.sender, env.digest, env.seq, raw))
+            self.db.execute("DELETE FROM chunks WHERE round = ? AND sender = ? AND digest = ?", (rnd, sender, digest))
+
+    def chunk_envelopes(self) -> Iterator[Envelope]:
+        """Chunks of unfinished uploads, one at a time (a restart re-reads them)."""
+        for (raw,) in self.db.execute("SELECT envelope FROM chunks ORDER BY sender, digest, seq"):
+            yield decode_envelope(raw, max_bytes=len(raw))
 
     def fold(self, st: RoundState, layout: dict, total: bytes) -> None:
         """The sum after folding an update, the agent's recorded weight, and the
@@ -66,14 +90,13 @@ class RoundStore:
             self.db.execute("DELETE FROM open_round")
             self.db.execute("DELETE FROM chunks")
 
-    def load(self) -> tuple[RoundState, dict, bytes | None, list[bytes]] | None:
+    def load(self) -> tuple[RoundState, dict, bytes | None] | None:
         row = self.db.execute("SELECT state, layout, sum FROM open_round WHERE id = 1").fetchone()
         if row is None:
             return None
         raw = json.loads(row[0])
         st = RoundState(**{**raw, "selected": frozenset(raw["selected"]), "offline": set(raw["offline"])})
-        chunks = [r[0] for r in self.db.execute("SELECT envelope FROM chunks ORDER BY sender, digest, seq")]
-        return st, json.loads(row[1]), row[2], chunks
+        return st, json.loads(row[1]), row[2]
 
     def _tx(self):
         return _Transaction(self.db)
@@ -89,6 +112,27 @@ class _Transaction:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+class StoredParts:
+    """The aggregator's :class:`~fedmq.chunking.PartStore`: unfinished uploads wait in
+    the round store on disk, so concurrent uploads cost no memory and a restart finds
+    them. A completed stream's chunks stay until the fold that uses them commits."""
+
+    def __init__(self, store: RoundStore) -> None:
+        self.store = store
+
+    def put(self, env: Envelope) -> None:
+        self.store.add_chunk(env, encode_envelope(env))
+
+    def bodies(self, key: StreamKey, digest: bytes) -> Iterator[bytes]:
+        return self.store.chunk_bodies(key[1], key[2], digest)
+
+    def drop(self, key: StreamKey, digest: bytes) -> None:
+        self.store.drop_chunks(key[1], key[2], digest)
+
+    def completed(self, key: StreamKey, digest: bytes) -> None:
+        pass  # deleted by RoundStore.fold, in the same transaction as the new sum
 
 
 def _dump(st: RoundState) -> str:

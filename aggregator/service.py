@@ -26,7 +26,7 @@ from fedmq.aggregation import RoundSum
 from fedmq.signals import stop_event
 
 from aggregator.round_state import Decision, Outcome, Rejected, RoundState
-from aggregator.round_store import RoundStore
+from aggregator.round_store import RoundStore, StoredParts
 
 log = logging.getLogger("fedmq.aggregator")
 
@@ -36,7 +36,7 @@ class Aggregator:
         self.cfg = cfg
         self.task = cfg.task
         self.session = MqttSession(cfg.broker, cfg.aggregator_id)
-        self.chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes)
+        self._context_chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes)
         self.ctx = None
         self.bfv_ctx = None
         self.max_summands = 0  # the quantization plan's bound on agents per sum (0: none)
@@ -59,6 +59,7 @@ class Aggregator:
         self._retained: dict[int, int] = {}  # round -> result chunks this process left retained
         self._state_file = Path(cfg.state_dir) / "aggregator_state.json"
         self.store = RoundStore(Path(cfg.state_dir))
+        self.chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes, parts=StoredParts(self.store))
         self._restore()
 
     # ------------------------------------------------------------------ persistence
@@ -132,7 +133,7 @@ class Aggregator:
         saved = self.store.load()
         if saved is None:
             return False
-        st, layout, blob, chunks = saved
+        st, layout, blob = saved
         if st.round < self.next_round:  # it closed; we died before forgetting it
             self.store.close()
             return False
@@ -144,9 +145,9 @@ class Aggregator:
             RoundSum(quantized=quantized, ckks=self.ctx, bfv=self.bfv_ctx)
         self.bytes_received, self.agg_s = 0, 0.0
         restored = 0
-        for raw in chunks:
+        for env in self.store.chunk_envelopes():
             try:
-                self.chunks.add(wire.decode_envelope(raw, max_bytes=self.cfg.max_message_bytes))
+                self.chunks.add(env, stored=True)
                 restored += 1
             except wire.WireError:
                 pass
@@ -213,7 +214,7 @@ class Aggregator:
             log.warning("rejected %s: %s", msg.topic, exc)
 
     def _on_public_context(self, env: wire.Envelope) -> None:
-        done = self.chunks.add(env)
+        done = self._context_chunks.add(env)
         if done is None:
             return
         body: wire.PublicContext = wire.decode_body(done.kind, done.body)
@@ -251,7 +252,6 @@ class Aggregator:
         st.check(env.sender, time.time())
         done = self.chunks.add(env)
         if done is None:
-            self.store.add_chunk(env, wire.encode_envelope(env))
             return
         update: wire.Update = wire.decode_body(done.kind, done.body)
         plain = self._check_layout(st, update)

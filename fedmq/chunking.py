@@ -9,8 +9,9 @@ every chunk carried; otherwise it is discarded whole, never half-used.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fedmq.wire import Envelope, WireError, digest
 
@@ -40,11 +41,49 @@ def single(msg: object, *, task: str, rnd: int, sender: str) -> Envelope:
     return split(kind, task, rnd, sender, body, max(len(body), 1))[0]
 
 
+class PartStore(Protocol):
+    """Where the chunks of unfinished streams wait. In memory by default; the
+    aggregator keeps them on disk (SQLite) so that fifty concurrent uploads cost it
+    O(model) memory, not O(clients x model), and survive a ``kill -9``."""
+
+    def put(self, env: Envelope) -> None: ...
+
+    def bodies(self, key: StreamKey, digest: bytes) -> Iterator[bytes]:
+        """The stream's chunk bodies in ``seq`` order."""
+        ...
+
+    def drop(self, key: StreamKey, digest: bytes) -> None:
+        """Forget a stream that was discarded (evicted, oversize, corrupt)."""
+        ...
+
+    def completed(self, key: StreamKey, digest: bytes) -> None:
+        """A stream was handed out whole; a durable store may keep its parts until
+        the caller has committed what it did with them."""
+        ...
+
+
+class MemoryParts:
+    def __init__(self) -> None:
+        self._parts: dict[tuple[StreamKey, bytes], dict[int, bytes]] = {}
+
+    def put(self, env: Envelope) -> None:
+        self._parts.setdefault(((env.kind, env.round, env.sender), env.digest), {})[env.seq] = env.body
+
+    def bodies(self, key: StreamKey, digest: bytes) -> Iterator[bytes]:
+        parts = self._parts.get((key, digest), {})
+        return (parts[i] for i in sorted(parts))
+
+    def drop(self, key: StreamKey, digest: bytes) -> None:
+        self._parts.pop((key, digest), None)
+
+    completed = drop
+
+
 @dataclass
 class _Stream:
     digest: bytes
     total: int
-    parts: dict[int, bytes] = field(default_factory=dict)
+    seqs: set[int] = field(default_factory=set)
     size: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -54,7 +93,7 @@ class Completed:
     kind: str
     round: int
     sender: str
-    body: bytes
+    body: bytes | bytearray
     envelope: Envelope  # the last chunk, for its metadata
 
 
@@ -66,18 +105,22 @@ class Reassembler:
     ``MAX_STREAMS_PER_SENDER``. Keying by digest means a forged or corrupted chunk
     starts a stream of its own and can never poison or evict a genuine upload.
     The first stream to complete wins; the sender's other partial streams for that
-    kind and round are dropped (partial uploads never count).
+    kind and round are dropped (partial uploads never count). Only bookkeeping
+    lives here; the chunk bodies live in the ``parts`` store.
     """
 
-    def __init__(self, *, max_stream_bytes: int, max_streams: int = 10_000) -> None:
+    def __init__(self, *, max_stream_bytes: int, max_streams: int = 10_000,
+                 parts: PartStore | None = None) -> None:
         self.max_stream_bytes = max_stream_bytes
         self.max_streams = max_streams
+        self.parts: PartStore = parts if parts is not None else MemoryParts()
         self._streams: dict[tuple[StreamKey, bytes], _Stream] = {}
         self._done: dict[StreamKey, bytes] = {}
 
-    def add(self, env: Envelope) -> Completed | None:
+    def add(self, env: Envelope, *, stored: bool = False) -> Completed | None:
         """Add one chunk; returns the whole body when this chunk completes it.
 
+        ``stored``: the chunk is already in the part store (a restart re-reading it).
         Raises WireError for a chunk that must be rejected; the streams of other
         senders are untouched by any rejection.
         """
@@ -89,29 +132,41 @@ class Reassembler:
         if stream is None:
             siblings = [k for k in self._streams if k[0] == key]
             if len(siblings) >= MAX_STREAMS_PER_SENDER:
-                del self._streams[siblings[0]]  # dicts keep insertion order: oldest first
+                self._forget(siblings[0])  # dicts keep insertion order: oldest first
             if len(self._streams) >= self.max_streams:
                 raise WireError(f"too many streams in progress ({self.max_streams})")
             stream = self._streams[skey] = _Stream(digest=env.digest, total=env.total)
         if env.total != stream.total:
             raise WireError(f"chunk says total {env.total}, stream has total {stream.total}")
-        if env.seq in stream.parts:
+        if env.seq in stream.seqs:
             raise WireError(f"duplicate chunk {env.seq}/{env.total}")
         if stream.size + len(env.body) > self.max_stream_bytes:
-            del self._streams[skey]
+            self._forget(skey)
             raise WireError(f"stream exceeds {self.max_stream_bytes} bytes: discarded")
-        stream.parts[env.seq] = env.body
+        if not stored:
+            self.parts.put(env)
+        stream.seqs.add(env.seq)
         stream.size += len(env.body)
-        if len(stream.parts) < stream.total:
+        if len(stream.seqs) < stream.total:
             return None
-        del self._streams[skey]
-        body = b"".join(stream.parts[i] for i in range(stream.total))
-        if digest(body) != stream.digest:
+        body = bytearray(stream.size)  # filled in place: one copy of the body, not two
+        pos = 0
+        for part in self.parts.bodies(key, stream.digest):
+            body[pos:pos + len(part)] = part
+            pos += len(part)
+        if pos != stream.size or digest(body) != stream.digest:
+            self._forget(skey)
             raise WireError("digest mismatch on the reassembled body: stream discarded")
+        del self._streams[skey]
+        self.parts.completed(key, stream.digest)
         for other in [k for k in self._streams if k[0] == key]:
-            del self._streams[other]
+            self._forget(other)
         self._done[key] = stream.digest
         return Completed(env.kind, env.round, env.sender, body, env)
+
+    def _forget(self, skey: tuple[StreamKey, bytes]) -> None:
+        del self._streams[skey]
+        self.parts.drop(*skey)
 
     def missing(self, kind: str, rnd: int, sender: str) -> list[int] | None:
         """Chunk numbers still lacking in a stream in progress (None if no such stream)."""
@@ -119,13 +174,13 @@ class Reassembler:
         if not streams:
             return None
         stream = streams[-1]
-        return [i for i in range(stream.total) if i not in stream.parts]
+        return [i for i in range(stream.total) if i not in stream.seqs]
 
     def discard(self, keep: Callable[[StreamKey], bool]) -> int:
         """Drop streams (in progress or remembered as done) for which ``keep`` is false."""
         dropped = [k for k in self._streams if not keep(k[0])]
         for k in dropped:
-            del self._streams[k]
+            self._forget(k)
         for k in [k for k in self._done if not keep(k)]:
             del self._done[k]
         return len(dropped)
