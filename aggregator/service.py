@@ -35,7 +35,7 @@ class Aggregator:
     def __init__(self, cfg: AggregatorConfig) -> None:
         self.cfg = cfg
         self.task = cfg.task
-        self.session = MqttSession(cfg.broker, cfg.aggregator_id)
+        self.session = MqttSession(cfg.broker, cfg.aggregator_id, manual_ack=True)
         self._context_chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes)
         self.ctx = None
         self.bfv_ctx = None
@@ -124,6 +124,7 @@ class Aggregator:
             except queue.Empty:
                 continue
             self.dispatch(msg)
+            self.session.ack(msg)  # only now: a chunk is on disk before the broker forgets it
         return True
 
     def _resume(self) -> bool:

@@ -45,6 +45,9 @@ class BrokerEndpoint(_Section):
     keepalive: Annotated[int, Field(ge=5, le=3600)] = 30
     max_inflight: Annotated[int, Field(ge=1, le=65535)] = 32
     connect_timeout_s: Annotated[float, Field(gt=0)] = 15.0
+    # clean_session=false: the broker keeps our subscriptions and queues QoS 1 messages
+    # while we are briefly away (a Wi-Fi drop, a restart), and delivers them on return.
+    persistent_session: bool = True
 
 
 class HeSettings(_Section):

@@ -150,7 +150,8 @@ class Observer:
     """Watches round starts, closes and telemetry on the broker, like an operator."""
 
     def __init__(self, port: int, watch_uploads_of: str | None = None, collect_results: bool = False) -> None:
-        self.session = MqttSession(cfgmod.BrokerEndpoint(port=port), f"observer-{secrets.token_hex(3)}")
+        self.session = MqttSession(cfgmod.BrokerEndpoint(port=port, persistent_session=False),
+                                   f"observer-{secrets.token_hex(3)}")
         filters = [topics.all_round_starts(TASK), topics.all_round_closed(TASK), topics.ALL_TELEMETRY]
         if watch_uploads_of:
             filters.append(f"updates/{TASK}/+/{watch_uploads_of}/+")
@@ -161,6 +162,9 @@ class Observer:
         self.rounds: dict[int, RoundView] = {}
         self.results: dict[int, wire.Result] = {}
         self.uploads: dict[int, list[bytes]] = {}  # raw chunks of the watched agent, per round
+        self._keep_uploads = watch_uploads_of not in (None, "+")
+        # (round, agent) -> [chunks seen, chunks in the stream], for every watched agent
+        self.upload_progress: dict[tuple[int, str], list[int]] = {}
         self._chunks = Reassembler(max_stream_bytes=1 << 32)
 
     def connect(self) -> None:
@@ -177,7 +181,11 @@ class Observer:
         try:
             info = topics.parse(msg.topic)
             if info.family == "update":
-                self.uploads.setdefault(info.round, []).append(msg.payload)
+                if self._keep_uploads:
+                    self.uploads.setdefault(info.round, []).append(msg.payload)
+                total = wire.decode_envelope(msg.payload, max_bytes=1 << 26).total
+                seen = self.upload_progress.setdefault((info.round, info.agent), [0, total])
+                seen[0] += 1
                 return "upload", info.round
             env = wire.decode_envelope(msg.payload, max_bytes=1 << 26)
             wire.check_against_topic(env, info, task=TASK)

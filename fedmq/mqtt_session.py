@@ -34,14 +34,22 @@ class Inbound:
     topic: str
     payload: bytes
     retain: bool
+    mid: int = 0
+    qos: int = 0
 
 
 class MqttSession:
     def __init__(self, endpoint: BrokerEndpoint, client_id: str, *,
-                 will: tuple[str, bytes] | None = None) -> None:
+                 will: tuple[str, bytes] | None = None, manual_ack: bool = False) -> None:
+        """``manual_ack``: a QoS 1 message is acknowledged only when the role calls
+        :meth:`ack` after handling it. The broker then never has more than its
+        in-flight window outstanding to us — backpressure instead of an unbounded
+        inbox — and a message we die holding is delivered again to our persistent
+        session after a restart."""
         self.endpoint = endpoint
         self.client_id = client_id
         self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self._manual_ack = manual_ack
         self.bytes_sent = 0
         self.bytes_received = 0
         self._subs: dict[str, int] = {}
@@ -56,7 +64,8 @@ class MqttSession:
         self._refused: str | None = None
         self._lock = threading.Lock()
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                        protocol=mqtt.MQTTv311, clean_session=True)
+                        protocol=mqtt.MQTTv311, clean_session=not endpoint.persistent_session,
+                        manual_ack=manual_ack)
         c.max_inflight_messages_set(endpoint.max_inflight)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -147,9 +156,14 @@ class MqttSession:
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         self.bytes_received += len(msg.payload)
-        self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos))
 
     # ------------------------------------------------------------------ API
+    def ack(self, msg: Inbound) -> None:
+        """Acknowledge a handled message (sessions made with ``manual_ack``)."""
+        if msg.qos > 0 and self._manual_ack:
+            self.client.ack(msg.mid, msg.qos)
+
     def subscribe(self, topic: str, qos: int = 1) -> None:
         with self._lock:
             self._subs[topic] = qos

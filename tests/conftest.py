@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fedmq import config as cfgmod
-from fedmq import he, masking, wire
+from fedmq import wire
+from fedmq.fieldtest import oracle as oracle_mod
 from fedmq.local_cluster import Cluster, Observer, free_port
 
 
@@ -42,31 +43,21 @@ def running_cluster(tmp_path: Path, *, n_agents: int, rounds: int, port: int | N
 
 def secret_context(cluster: Cluster):
     """The test-only oracle key: the key authority's own secret context file."""
-    return he.load_context((cluster.workdir / "state/keyauthority/ckks_secret_context.bin").read_bytes())
+    return oracle_mod.secret_context(cluster.workdir / "state/keyauthority")
 
 
 def oracle(cluster: Cluster, agent: str, name: str):
-    return np.load(cluster.workdir / "oracle" / f"{agent}-{name}.npz")
+    return oracle_mod.dump(cluster.workdir / "oracle", agent, name)
 
 
 def plaintext_fedavg(cluster: Cluster, rnd: int, agents: list[str], key: str = "weights",
                      name: str | None = None) -> tuple[np.ndarray, int]:
-    dumps = [oracle(cluster, a, name or f"round{rnd}") for a in agents]
-    total = sum(int(d["num_samples"]) for d in dumps)
-    return sum(d[key] * int(d["num_samples"]) for d in dumps) / total, total
+    return oracle_mod.plaintext_fedavg(cluster.workdir / "oracle", agents, name or f"round{rnd}", key)
 
 
 def decrypted_average(cluster: Cluster, result, mask: np.ndarray | None = None) -> np.ndarray:
     """The global model from an encrypted result, as an agent rebuilds it."""
-    enc = np.zeros(0)
-    if result.n_encrypted:
-        enc = he.decrypt(secret_context(cluster), result.ciphertexts, result.n_encrypted) / result.total_weight
-    if result.n_encrypted == result.n_params:
-        return enc
-    plain = np.frombuffer(result.plain_avg, dtype="<f4").astype(np.float64)
-    if mask is None:
-        mask = np.zeros(result.n_params, dtype=bool)
-    return masking.merge(enc, plain, mask)
+    return oracle_mod.decrypted_average(secret_context(cluster), result, mask)
 
 
 @pytest.fixture
@@ -75,10 +66,9 @@ def cluster_factory(tmp_path):
 
 
 def mosquitto_binary() -> str:
-    import shutil
+    from fedmq.local_broker import mosquitto_binary as find
 
-    found = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto") if Path(p).exists()), None)
+    found = find()
     if found is None:
         pytest.fail("mosquitto is not installed: .ci/run installs Debian's mosquitto package")
     return found
@@ -87,19 +77,12 @@ def mosquitto_binary() -> str:
 @pytest.fixture
 def mosquitto(tmp_path):
     """A mosquitto of the test's own, with its own config, on a free loopback port."""
-    import subprocess
+    from fedmq.local_broker import MosquittoProcess
 
-    from fedmq.local_cluster import wait_for_port
-
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    f"max_packet_size 2097152\nlog_dest stdout\n")
-    log = open(tmp_path / "mosquitto.log", "wb")
-    proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    mosquitto_binary()
+    broker = MosquittoProcess(tmp_path / "mosquitto", free_port(), persistence=False)
+    broker.start()
     try:
-        wait_for_port(port, timeout=15)
-        yield port
+        yield broker.port
     finally:
-        proc.terminate()
-        proc.wait(10)
+        broker.stop()
