@@ -2,7 +2,10 @@
 
 Rules (DESIGN.md, Dropouts): a round closes when every selected agent has
 reported or is known offline, or at the deadline; it aggregates if the quorum
-reported and is aborted otherwise. Weights are whatever the completed agents
+reported and is aborted otherwise. A round short of its quorum is not aborted
+early when the rest are offline: offline agents often come back (a Wi-Fi drop, a
+broker restart takes every agent offline at once) and resume their uploads, so it
+waits for them until the deadline. Weights are whatever the completed agents
 declared, so re-normalization over survivors is automatic: the agents divide the
 encrypted sum by ``total_weight`` of the agents that completed.
 """
@@ -37,7 +40,10 @@ class RoundState:
     deadline: float
     purpose: str = "train"  # or "sensitivity": the encrypted mask agreement
     weights: dict[str, int] = field(default_factory=dict)
-    offline: set[str] = field(default_factory=set)
+    offline: dict[str, float] = field(default_factory=dict)  # agent -> when its last will arrived
+    # An agent offline for less than this is not yet given up on: a broker restart or a
+    # Wi-Fi blip takes agents offline for the few seconds their reconnect takes.
+    offline_grace_s: float = 0.0
     closed: bool = False
 
     def __post_init__(self) -> None:
@@ -60,14 +66,14 @@ class RoundState:
         if weight < 1:
             raise Rejected(f"weight {weight} of {agent!r} is not a positive sample count")
         self.weights[agent] = weight
-        self.offline.discard(agent)
+        self.offline.pop(agent, None)
 
-    def mark_offline(self, agent: str) -> None:
+    def mark_offline(self, agent: str, now: float) -> None:
         if agent in self.selected and agent not in self.weights:
-            self.offline.add(agent)
+            self.offline.setdefault(agent, now)
 
     def mark_online(self, agent: str) -> None:
-        self.offline.discard(agent)  # it reconnected and may still deliver
+        self.offline.pop(agent, None)  # it reconnected and may still deliver
 
     @property
     def total_weight(self) -> int:
@@ -79,12 +85,11 @@ class RoundState:
 
     def decide(self, now: float) -> Decision | None:
         """What to do now: None while the round should stay open."""
-        outstanding = self.selected - self.weights.keys() - self.offline
+        gone = {a for a, since in self.offline.items() if now - since >= self.offline_grace_s}
+        outstanding = self.selected - self.weights.keys() - gone
         done = len(self.weights)
-        if not outstanding:
-            if done >= self.quorum:
-                return Decision(Outcome.AGGREGATE, f"all selected agents reported or went offline ({done} reported)")
-            return Decision(Outcome.ABORT, f"only {done} of quorum {self.quorum} can still report")
+        if not outstanding and done >= self.quorum:
+            return Decision(Outcome.AGGREGATE, f"all selected agents reported or went offline ({done} reported)")
         if now >= self.deadline:
             if done >= self.quorum:
                 return Decision(Outcome.AGGREGATE, f"deadline reached with quorum ({done}/{self.quorum})")

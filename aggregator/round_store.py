@@ -95,7 +95,10 @@ class RoundStore:
         if row is None:
             return None
         raw = json.loads(row[0])
-        st = RoundState(**{**raw, "selected": frozenset(raw["selected"]), "offline": set(raw["offline"])})
+        offline = raw["offline"]
+        if isinstance(offline, list):  # stores written before offline times were kept
+            offline = dict.fromkeys(offline, 0.0)
+        st = RoundState(**{**raw, "selected": frozenset(raw["selected"]), "offline": offline})
         return st, json.loads(row[1]), row[2]
 
     def _tx(self):
@@ -137,5 +140,5 @@ class StoredParts:
 
 def _dump(st: RoundState) -> str:
     d = asdict(st)
-    d["selected"], d["offline"] = sorted(st.selected), sorted(st.offline)
+    d["selected"] = sorted(st.selected)
     return json.dumps(d)

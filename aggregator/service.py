@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmq import he, masking, topics, wire
-from fedmq.chunking import Reassembler
+from fedmq.chunking import Completed, Reassembler
 from fedmq.config import AggregatorConfig
 from fedmq.mqtt_session import Inbound, MqttSession
 from fedmq.private_files import write_private
@@ -91,8 +91,12 @@ class Aggregator:
             s.subscribe(filt)
         s.connect()
         log.info("waiting for the public context of task %s", self.task)
-        self._pump(stop, until=lambda: self.ctx is not None)
+        held: list[Inbound] = []
+        self._pump(stop, until=lambda: self.ctx is not None, hold=held)
         resumed = self._resume()
+        for msg in held:  # chunks our persistent session kept for us while we were down
+            self.dispatch(msg)
+            self.session.ack(msg)
         while not stop.is_set() and (self.cfg.rounds == 0 or self.rounds_done < self.cfg.rounds):
             if resumed:
                 resumed = False
@@ -113,8 +117,13 @@ class Aggregator:
             self._close_round(self.state.decide(time.time()))
         log.info("aggregator done after %d training round(s)", self.rounds_done)
 
-    def _pump(self, stop: threading.Event, until, timeout: float | None = None) -> bool:
-        """Handle inbound messages until ``until()`` holds; False on timeout/stop."""
+    def _pump(self, stop: threading.Event, until, timeout: float | None = None,
+              hold: list[Inbound] | None = None) -> bool:
+        """Handle inbound messages until ``until()`` holds; False on timeout/stop.
+
+        ``hold``: keep update chunks aside, unacknowledged, instead of handling them —
+        before the open round is restored they would be rejected and lost. Being
+        unacknowledged, at most the broker's in-flight window of them is held."""
         end = None if timeout is None else time.monotonic() + timeout
         while not until():
             if stop.is_set() or (end is not None and time.monotonic() > end):
@@ -122,6 +131,9 @@ class Aggregator:
             try:
                 msg = self.session.inbox.get(timeout=0.1)
             except queue.Empty:
+                continue
+            if hold is not None and _is_update(msg.topic):
+                hold.append(msg)
                 continue
             self.dispatch(msg)
             self.session.ack(msg)  # only now: a chunk is on disk before the broker forgets it
@@ -146,12 +158,20 @@ class Aggregator:
             RoundSum(quantized=quantized, ckks=self.ctx, bfv=self.bfv_ctx)
         self.bytes_received, self.agg_s = 0, 0.0
         restored = 0
+        complete: list[Completed] = []
         for env in self.store.chunk_envelopes():
             try:
-                self.chunks.add(env, stored=True)
+                done = self.chunks.add(env, stored=True)
                 restored += 1
             except wire.WireError:
-                pass
+                continue
+            if done is not None:  # every chunk had arrived; we died before folding it
+                complete.append(done)
+        for done in complete:
+            try:
+                self._fold(done)
+            except (ValueError, Rejected, he.HEError) as exc:
+                log.warning("rejected %s's restored round-%d update: %s", done.sender, done.round, exc)
         log.info("resumed round %d after a restart: %d update(s) already folded %s, %d chunk(s) of unfinished "
                  "uploads restored", st.round, len(st.weights), sorted(st.weights), restored)
         for agent in sorted(st.selected - st.weights.keys()):
@@ -243,7 +263,7 @@ class Aggregator:
             self.online.discard(env.sender)
             self.gone.add(env.sender)
             if self.state:
-                self.state.mark_offline(env.sender)
+                self.state.mark_offline(env.sender, time.time())
         log.info("agent %s is %s (%d online)", env.sender, body.state, len(self.online))
 
     def _on_update_chunk(self, env: wire.Envelope) -> None:
@@ -252,8 +272,12 @@ class Aggregator:
             raise Rejected(f"chunk for round {env.round}, which is not open")
         st.check(env.sender, time.time())
         done = self.chunks.add(env)
-        if done is None:
-            return
+        if done is not None:
+            self._fold(done)
+
+    def _fold(self, done: Completed) -> None:
+        """Verify a whole update and fold it into the running sum (one transaction)."""
+        st, env = self.state, done.envelope
         update: wire.Update = wire.decode_body(done.kind, done.body)
         plain = self._check_layout(st, update)
         t0 = time.perf_counter()
@@ -346,7 +370,8 @@ class Aggregator:
         selected = self._select(sorted(self.online), cap, rnd)
         quorum = min(self.cfg.min_agents, len(selected))
         deadline = time.time() + self.cfg.round_timeout_s
-        self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline, purpose=purpose)
+        self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline, purpose=purpose,
+                                offline_grace_s=self.cfg.offline_grace_s)
         self.n_encrypted, self.code_layout, self.bytes_received, self.agg_s = None, None, 0, 0.0
         self.sum = RoundSum(quantized=self.protection.scheme != "ckks" and purpose == "train",
                             ckks=self.ctx, bfv=self.bfv_ctx)
@@ -394,6 +419,13 @@ class Aggregator:
         self._persist()
         self.store.close()
         return decision.outcome
+
+
+def _is_update(topic: str) -> bool:
+    try:
+        return topics.parse(topic).family == "update"
+    except ValueError:
+        return False
 
 
 def _protection_key(prot: wire.Protection) -> list:

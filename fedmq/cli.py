@@ -98,6 +98,33 @@ def demo(agents: int = typer.Option(4, min=2, help="Number of agents."),
                               chunk_kib=chunk_kib, timeout=timeout, protection=protection))
 
 
+@app.command()
+def fieldtest(scenario: Path = typer.Argument(..., help="Scenario YAML (see configs/fieldtests/)."),
+              workdir: Optional[Path] = typer.Option(None, help="Where configs, keys, logs go (default: temp dir)."),
+              json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
+              log_level: str = "WARNING") -> None:
+    """Run a scenario under its fault schedule; exit 1 if any round is missing or not exact."""
+    import tempfile
+
+    from rich.console import Console
+
+    from fedmq.fieldtest.report import render, round_line
+    from fedmq.fieldtest.runner import FieldTest, write_json
+    from fedmq.fieldtest.scenario import Scenario
+
+    configure("fieldtest", log_level)
+    sc = _load(Scenario, scenario)
+    console = Console(width=max(Console().width, 140))
+    with tempfile.TemporaryDirectory(prefix="fedmq-field-") as tmp:
+        where = workdir or Path(tmp)
+        console.print(f"[bold]fedmq fieldtest[/] {sc.name}: {sc.agents} agents, {sc.rounds} rounds, work dir {where}")
+        report = FieldTest(sc, where).run(on_round=lambda rep: console.print(round_line(rep)))
+        render(report, console)
+        if json_out:
+            write_json(report, json_out)
+    raise typer.Exit(0 if report.ok else 1)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures and write them to files.")
 app.add_typer(bench_app, name="bench")
 

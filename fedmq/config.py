@@ -138,6 +138,9 @@ class AggregatorConfig(_Section):
     target_agents: Annotated[int, Field(ge=0)] = 0
     selection_grace_s: Annotated[float, Field(ge=0)] = 5.0
     round_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    # How long an agent's last will must stand before a round stops waiting for it:
+    # agents reconnect within seconds of a broker restart or a Wi-Fi blip.
+    offline_grace_s: Annotated[float, Field(ge=0)] = 8.0
     wait_for_agents_s: Annotated[float, Field(gt=0)] = 120.0
     chunk_size: Annotated[int, Field(ge=1 * KiB, le=64 * 1024 * KiB)] = 256 * KiB
     # Selective Parameter Encryption: p (0 plaintext .. 1 full), mode sensitivity|random,

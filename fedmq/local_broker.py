@@ -8,6 +8,7 @@ restart, as a production mosquitto does.
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -36,7 +37,9 @@ class MosquittoProcess:
 
     def write_config(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
+        # Run as whoever starts us: as root, mosquitto would otherwise switch to the
+        # 'mosquitto' user, which cannot write the persistence file in our work dir.
+        lines = [f"user {getpass.getuser()}", f"listener {self.port} 127.0.0.1", "allow_anonymous true",
                  f"max_packet_size {self.max_packet_size}",
                  # Queued QoS 1 messages for persistent sessions that are briefly away:
                  # an aggregator restart must not lose the chunks sent meanwhile.

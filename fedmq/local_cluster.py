@@ -65,6 +65,7 @@ class Cluster:
     chunk_size: int = 64 * 1024
     round_timeout_s: float = 60.0
     selection_grace_s: float = 30.0
+    offline_grace_s: float = 8.0
     target_agents: int | None = None  # default: every agent
     protection: wire.Protection = field(default_factory=wire.Protection)
     quantization: cfgmod.QuantizationSettings | None = None  # the key authority's secret plan
@@ -89,7 +90,8 @@ class Cluster:
         self._write("aggregator", cfgmod.AggregatorConfig(
             task=TASK, broker=endpoint, state_dir=self.workdir / "state/aggregator", rounds=self.rounds,
             min_agents=min_agents, target_agents=self.target_agents or self.n_agents, selection_grace_s=self.selection_grace_s,
-            round_timeout_s=self.round_timeout_s, chunk_size=self.chunk_size, protection=self.protection))
+            round_timeout_s=self.round_timeout_s, offline_grace_s=self.offline_grace_s, chunk_size=self.chunk_size,
+            protection=self.protection))
         for i, a in enumerate(self.agent_ids):
             raw = dict(agent_id=a, credential=creds[a], task=TASK, broker=endpoint,
                        state_dir=self.workdir / f"state/{a}", chunk_size=self.chunk_size,
@@ -190,6 +192,8 @@ class Observer:
             env = wire.decode_envelope(msg.payload, max_bytes=1 << 26)
             wire.check_against_topic(env, info, task=TASK)
             if info.family == "result":
+                if env.round in self.results:
+                    return None  # delivered again after a reconnect: we have it
                 done = self._chunks.add(env)
                 if done is not None:
                     self.results[env.round] = wire.decode_body(done.kind, done.body)

@@ -106,8 +106,10 @@ class MqttSession:
         so a role's last words — a round's close, an offline status — are not lost."""
         deadline = time.monotonic() + flush_s
         for info in self._unacked:
+            # Includes publishes made while the broker was away: they go out when paho
+            # reconnects, so a round's close is not lost on a broker restart.
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.connected:
+            if remaining <= 0:
                 break
             try:
                 info.wait_for_publish(remaining)
@@ -174,7 +176,11 @@ class MqttSession:
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> mqtt.MQTTMessageInfo:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+        if info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0:
+            # paho keeps it and sends it after the reconnect; say so, so that waiting
+            # for its PUBACK waits for that instead of failing at once.
+            info.rc = mqtt.MQTT_ERR_SUCCESS
+        elif info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise BrokerError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
         self.bytes_sent += len(payload)
         if qos > 0:

@@ -1,0 +1,143 @@
+"""The field-test harness: smoke.yaml end to end (real mosquitto, real processes, every
+kind of fault), and the parts it trusts — the proxy and the exactness oracle."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmq import he, protection, wire
+from fedmq.config import ConfigError
+from fedmq.fieldtest import oracle
+from fedmq.fieldtest.scenario import load_scenario
+from fedmq.fieldtest.tcp_proxy import TcpProxy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_smoke_scenario_passes_with_every_fault_applied(tmp_path):
+    from tests.conftest import mosquitto_binary
+
+    mosquitto_binary()  # the smoke test is meant to run on the real broker
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "fedmq", "fieldtest", str(ROOT / "configs/fieldtests/smoke.yaml"),
+                           "--workdir", str(tmp_path / "run"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["broker"] == "mosquitto"
+    assert [r["status"] for r in report["rounds"]] == ["aggregated"] * 4
+    assert all(r["max_error"] < 1e-6 for r in report["rounds"])
+    applied = " ".join(f for r in report["rounds"] for f in r["faults"])
+    for what in ("SIGKILL agent-5 (mid-upload)", "network drop", "SIGSTOP agent-3", "network blackhole",
+                 "kill -9 aggregator", "network delay", "broker (mosquitto) restart", "SIGKILL agent-2"):
+        assert what in applied, (what, applied)
+    assert report["aggregator_resumes"] == 1 and not report["faults_skipped"]
+    assert "PASS" in proc.stdout
+
+
+def _echo_server() -> tuple[socket.socket, int]:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=lambda c=conn: [c.sendall(d) for d in iter(lambda: c.recv(4096), b"")],
+                             daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+def _cut(conn: socket.socket) -> bool:
+    try:
+        return conn.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_proxy_modes_pass_delay_blackhole_drop():
+    srv, port = _echo_server()
+    proxy = TcpProxy(port).start()
+    try:
+        c = socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
+        c.sendall(b"hello")
+        assert c.recv(100) == b"hello"
+
+        proxy.set_mode("delay", 0.3)
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        c.sendall(b"slow")
+        assert c.recv(100) == b"slow" and time.monotonic() - t0 >= 0.5  # both directions delayed
+
+        proxy.set_mode("blackhole")
+        time.sleep(0.05)
+        c.sendall(b"lost?")
+        c.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            c.recv(100)
+        proxy.set_mode("pass")  # the partition heals: what was held arrives
+        c.settimeout(2)
+        assert c.recv(100) == b"lost?"
+
+        proxy.set_mode("drop")
+        time.sleep(0.05)
+        assert _cut(c), "the connection should be reset"
+        c2 = socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
+        c2.sendall(b"anyone?")
+        assert _cut(c2), "new connections are reset while the link is down"
+        assert proxy.connections == 2
+    finally:
+        proxy.stop()
+        srv.close()
+
+
+def test_oracle_flags_a_wrong_or_double_counted_aggregate(tmp_path):
+    secret = he.create_secret_context(he.CkksParams())
+    rng = np.random.default_rng(0)
+    updates = {a: (rng.normal(size=300), n) for a, n in (("agent-1", 10), ("agent-2", 30))}
+    for a, (w, n) in updates.items():
+        np.savez(tmp_path / f"{a}-round1.npz", weights=w, num_samples=n, mask=np.ones(300, dtype=bool))
+    people = sorted(updates)
+
+    def result(contributions):
+        acc = None
+        for a, factor in contributions:
+            w, n = updates[a]
+            acc = he.add_into(acc, he.load_ciphertexts(
+                secret, protection.encrypt_weighted(secret, w * factor, n, 2), 300))
+        total = sum(updates[a][1] for a, _ in contributions)
+        return wire.Result(participants=people, total_weight=total, n_params=300, n_encrypted=300,
+                           ciphertexts=he.serialize_all(acc), plain_avg=b"")
+
+    closed = wire.RoundClosed(status="aggregated", reason="test", participants=people, dropped=[], total_weight=40,
+                              bytes_received=0, agg_s=0.0)
+    good = oracle.check_round(secret, tmp_path, 1, result([("agent-1", 1), ("agent-2", 1)]), closed, 1e-6)
+    assert good.ok and good.max_error < 1e-6
+    twice = oracle.check_round(secret, tmp_path, 1, result([("agent-1", 1), ("agent-2", 1), ("agent-2", 1)]),
+                               closed, 1e-6)
+    assert not twice.ok and "counted twice" in twice.detail
+    off = oracle.check_round(secret, tmp_path, 1, result([("agent-1", 1), ("agent-2", 1.001)]), closed, 1e-6)
+    assert not off.ok and "off by" in off.detail
+
+
+def test_scenario_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nagents: 3\nrounds: 2\nfaults:\n  - {round: 1, kind: kill}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: .*needs 'agent'"):
+        load_scenario(bad)
+    bad.write_text("name: x\nagents: 3\nrounds: 2\nfaults:\n  - {round: 5, kind: broker-restart}\n")
+    with pytest.raises(ConfigError, match="fault in round 5"):
+        load_scenario(bad)
+    assert load_scenario(ROOT / "configs/fieldtests/smoke.yaml").agents == 5
