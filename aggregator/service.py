@@ -91,12 +91,8 @@ class Aggregator:
             s.subscribe(filt)
         s.connect()
         log.info("waiting for the public context of task %s", self.task)
-        held: list[Inbound] = []
-        self._pump(stop, until=lambda: self.ctx is not None, hold=held)
+        self._pump(stop, until=lambda: self.ctx is not None, park_updates=True)
         resumed = self._resume()
-        for msg in held:  # chunks our persistent session kept for us while we were down
-            self.dispatch(msg)
-            self.session.ack(msg)
         while not stop.is_set() and (self.cfg.rounds == 0 or self.rounds_done < self.cfg.rounds):
             if resumed:
                 resumed = False
@@ -118,12 +114,14 @@ class Aggregator:
         log.info("aggregator done after %d training round(s)", self.rounds_done)
 
     def _pump(self, stop: threading.Event, until, timeout: float | None = None,
-              hold: list[Inbound] | None = None) -> bool:
+              park_updates: bool = False) -> bool:
         """Handle inbound messages until ``until()`` holds; False on timeout/stop.
 
-        ``hold``: keep update chunks aside, unacknowledged, instead of handling them —
-        before the open round is restored they would be rejected and lost. Being
-        unacknowledged, at most the broker's in-flight window of them is held."""
+        ``park_updates``: before the open round is restored (after a restart), update
+        chunks — which our persistent session kept for us while we were down — go
+        straight to the round store on disk, where the restore picks them up; handled
+        now they would be rejected, held unacknowledged they would block the broker's
+        in-flight window and with it the public context we are waiting for."""
         end = None if timeout is None else time.monotonic() + timeout
         while not until():
             if stop.is_set() or (end is not None and time.monotonic() > end):
@@ -132,12 +130,21 @@ class Aggregator:
                 msg = self.session.inbox.get(timeout=0.1)
             except queue.Empty:
                 continue
-            if hold is not None and _is_update(msg.topic):
-                hold.append(msg)
-                continue
-            self.dispatch(msg)
+            if park_updates and _is_update(msg.topic):
+                self._park(msg)
+            else:
+                self.dispatch(msg)
             self.session.ack(msg)  # only now: a chunk is on disk before the broker forgets it
         return True
+
+    def _park(self, msg: Inbound) -> None:
+        try:
+            env = wire.decode_envelope(msg.payload, max_bytes=self.cfg.max_message_bytes)
+            wire.check_against_topic(env, topics.parse(msg.topic), task=self.task)
+        except ValueError as exc:
+            log.warning("rejected %s: %s", msg.topic, exc)
+            return
+        self.store.add_chunk(env, msg.payload)
 
     def _resume(self) -> bool:
         """Pick up the round that was open when this process died (``kill -9``): its
@@ -160,6 +167,8 @@ class Aggregator:
         restored = 0
         complete: list[Completed] = []
         for env in self.store.chunk_envelopes():
+            if env.round != st.round:
+                continue  # parked while we were down, but for a round that is over
             try:
                 done = self.chunks.add(env, stored=True)
                 restored += 1

@@ -167,6 +167,31 @@ def bench_he(json_out: Path = typer.Option(Path("benchmarks/results/he.json"), "
     console.print(f"wrote {json_out} and {png}")
 
 
+@bench_app.command("aggregator-memory")
+def bench_aggregator_memory(
+        json_out: Path = typer.Option(Path("benchmarks/results/aggregator_memory.json"), "--json"),
+        clients: int = typer.Option(50, min=2, help="Simulated agents uploading at once."),
+        params: int = typer.Option(1_663_370, min=1, help="Model size (default: the paper's CNN)."),
+        chunk_kib: int = typer.Option(256, min=1)) -> None:
+    """Aggregator peak RSS while N encrypted uploads are in flight at once."""
+    import tempfile
+
+    from fedmq.bench import aggregator_memory
+
+    configure("bench", "WARNING")
+    with tempfile.TemporaryDirectory(prefix="fedmq-aggmem-") as tmp:
+        row = aggregator_memory.run(clients=clients, params=params, chunk_kib=chunk_kib, workdir=Path(tmp))
+    aggregator_memory.write(row, json_out)
+    mb = 1024 * 1024
+    typer.echo(f"{clients} clients x {row['encrypted_update_bytes'] / mb:.1f} MiB encrypted update "
+               f"({params:,} params): aggregator base {row['aggregator_base_rss_bytes'] / mb:.0f} MiB, peak "
+               f"{row['aggregator_peak_rss_bytes'] / mb:.0f} MiB = base + "
+               f"{row['peak_minus_base_in_models']:.2f} x update (target <= 3; all-in-memory would need "
+               f"{row['all_in_memory_would_need_bytes'] / mb:.0f} MiB); {row['participants']} folded, "
+               f"{row['until_closed_s']:.0f}s -> {json_out}")
+    raise typer.Exit(0 if row["meets_target"] and row["participants"] == clients else 1)
+
+
 @bench_app.command("accuracy")
 def bench_accuracy(json_out: Path = typer.Option(Path("benchmarks/results/accuracy.json"), "--json"),
                    png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
