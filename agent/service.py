@@ -16,15 +16,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from fedmq import he, masking, protection, topics, wire
 from fedmq.chunking import Reassembler, single
+from fedmq import config as cfgmod
 from fedmq.config import AgentConfig
 from fedmq.mqtt_session import BrokerError, Inbound, MqttSession
 from fedmq.quantization import QuantPlan
 from fedmq.sealing import SealedBox, agent_box_info, enrollment_proof, new_keypair, open_box
 from fedmq.telemetry import PhaseClock
-from fedmq.signals import stop_event
+from fedmq.private_files import ensure_private_dir, write_private
+from fedmq.sd_notify import Notifier
+from fedmq.signals import reload_event, stop_event
 
 log = logging.getLogger("fedmq.agent")
 
@@ -36,15 +40,20 @@ class EnrollmentRefused(RuntimeError):
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, config_path: Path | None = None) -> None:
         self.cfg = cfg
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self._heartbeat = time.monotonic()
+        self._busy_until: float | None = None
         self.id = cfg.agent_id
         self.task = cfg.task
         offline = wire.encode_envelope(single(wire.AgentStatus(state="offline"), task=self.task, rnd=0, sender=self.id))
         self.session = MqttSession(cfg.broker, self.id, will=(topics.agent_status(self.id), offline))
         self.chunks = Reassembler(max_stream_bytes=1 << 34)
-        self.ctx = None
-        self.bfv = None
+        self._keys: wire.SealedKeys | None = None  # as granted; HE contexts are built on first use
+        self._ctx = None
+        self._bfv = None
         self.plan: QuantPlan | None = None
         self._rng = np.random.default_rng()  # stochastic rounding
         self._x25519, self._x25519_public = new_keypair()
@@ -65,11 +74,14 @@ class Agent:
         self.last_accuracy: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def run(self, stop: threading.Event | None = None) -> None:
+    def run(self, stop: threading.Event | None = None, reload: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         s = self.session
+        ensure_private_dir(Path(self.cfg.state_dir))
+        self._load_state()
         s.subscribe(topics.own_keys(self.task, self.id))
         s.connect()
+        self.notifier.status("enrolling")
         self._enroll(stop)
         if stop.is_set():
             return
@@ -80,12 +92,50 @@ class Agent:
         self._announce_online()
         s.on_reconnect = self._announce_online
         log.info("%s online and waiting for rounds of task %s", self.id, self.task)
+        self.notifier.ready(f"online; waiting for rounds of task {self.task}")
+        self.notifier.start_watchdog(self._alive, stop)
         while not stop.is_set():
+            self._heartbeat = time.monotonic()
+            if reload is not None and reload.is_set():
+                reload.clear()
+                self.reload()
             try:
                 msg = s.inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
             self.dispatch(msg)
+        self.notifier.stopping()
+
+    def _alive(self) -> bool:
+        """For the systemd watchdog: the main loop turns over, or a round is being
+        worked on within its deadline (training a big model can take minutes)."""
+        if time.monotonic() - self._heartbeat < 30:
+            return True
+        return self._busy_until is not None and time.time() < self._busy_until
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the YAML. Training, chunking, profile and fault settings
+        apply from the next round; identity and broker changes need a restart."""
+        if self.config_path is None:
+            log.warning("%s: SIGHUP, but no config file to reload", self.id)
+            return
+        self.notifier.reloading()
+        try:
+            new = cfgmod.apply_profile(cfgmod.load(AgentConfig, self.config_path))
+        except cfgmod.ConfigError as exc:
+            log.error("%s: reload failed, keeping the running configuration:\n%s", self.id, exc)
+            self.notifier.ready("reload failed; running configuration kept")
+            return
+        fixed = [k for k in ("agent_id", "credential", "task", "broker", "state_dir") if getattr(new, k) != getattr(
+            self.cfg, k)]
+        if fixed:
+            log.warning("%s: %s changed in %s; that takes a restart (systemctl restart)", self.id,
+                        ", ".join(fixed), self.config_path)
+            new = new.model_copy(update={k: getattr(self.cfg, k) for k in fixed})
+        self.cfg = new
+        self.trainer = None  # rebuilt with the new settings at the next round
+        log.info("%s: configuration reloaded from %s", self.id, self.config_path)
+        self.notifier.ready(f"online; configuration reloaded; waiting for rounds of task {self.task}")
 
     def _announce_online(self) -> None:
         """Retained 'online' — again after every reconnect, since the broker published
@@ -105,7 +155,7 @@ class Agent:
     # ------------------------------------------------------------------ enrollment
     def _enroll(self, stop: threading.Event) -> None:
         credential = self.cfg.credential.get_secret_value()
-        while self.ctx is None and not stop.is_set():
+        while self._keys is None and not stop.is_set():
             nonce = os.urandom(16)
             self._pending_nonces.add(nonce)
             proof = enrollment_proof(credential, self.task, self.id, self._x25519_public, nonce)
@@ -114,7 +164,7 @@ class Agent:
                               task=self.task, rnd=0)
             log.info("%s: enrollment requested", self.id)
             end = time.monotonic() + self.cfg.enroll_retry_s
-            while self.ctx is None and time.monotonic() < end and not stop.is_set():
+            while self._keys is None and time.monotonic() < end and not stop.is_set():
                 try:
                     self.dispatch(self.session.inbox.get(timeout=0.2), raise_refusal=True)
                 except queue.Empty:
@@ -137,16 +187,57 @@ class Agent:
             secret = open_box(self._x25519, box, agent_box_info(self.task, self.id))
         except Exception:
             raise wire.WireError("key grant does not open with our key: not sealed to us") from None
-        keys: wire.SealedKeys = wire.decode_body("sealed_keys", secret)
+        self._adopt_keys(secret)
+        write_private(self._keys_file, secret)  # StateDirectory, 0600: a restart need not re-enroll
         del secret
-        ctx = he.load_context(keys.ckks)
-        if not ctx.is_private():
-            raise wire.WireError("key grant holds no secret key")
-        self.bfv = he.load_context(keys.bfv) if keys.bfv else None
-        self.plan = QuantPlan.from_wire(keys.plan) if keys.plan else None
-        self.ctx = ctx
         self._pending_nonces.clear()
-        log.info("%s: enrolled; secret CKKS context received sealed (%s)", self.id, he.params_of(ctx))
+        log.info("%s: enrolled; secret HE context received sealed", self.id)
+
+    @property
+    def _keys_file(self) -> Path:
+        return Path(self.cfg.state_dir) / "keys.bin"
+
+    def _adopt_keys(self, sealed_keys_body: bytes) -> None:
+        keys: wire.SealedKeys = wire.decode_body("sealed_keys", sealed_keys_body)
+        self.plan = QuantPlan.from_wire(keys.plan) if keys.plan else None
+        self._keys, self._ctx, self._bfv = keys, None, None
+
+    @property
+    def ctx(self):
+        """The secret CKKS context, built when a round first needs it: the HE library
+        costs ~20 MB, which an idle agent on a Pi should not pay."""
+        if self._ctx is None and self._keys is not None:
+            ctx = he.load_context(self._keys.ckks, n_threads=self.cfg.he_threads)
+            if not ctx.is_private():
+                raise he.HEError("the granted context holds no secret key; delete the state dir and re-enroll")
+            self._ctx = ctx
+            log.info("%s: secret CKKS context loaded (%s)", self.id, he.params_of(ctx))
+        return self._ctx
+
+    @property
+    def bfv(self):
+        if self._bfv is None and self._keys is not None and self._keys.bfv:
+            self._bfv = he.load_context(self._keys.bfv, n_threads=self.cfg.he_threads)
+        return self._bfv
+
+    def _load_state(self) -> None:
+        """Keys and the last global model from the state directory (a restart resumes)."""
+        if self._keys_file.exists():
+            try:
+                self._adopt_keys(self._keys_file.read_bytes())
+                log.info("%s: keys loaded from %s; not re-enrolling", self.id, self._keys_file)
+            except (ValueError, he.HEError) as exc:
+                log.warning("%s: stored keys unusable (%s); enrolling again", self.id, exc)
+                self._keys = None
+        progress = Path(self.cfg.state_dir) / "model.npz"
+        if progress.exists():
+            try:
+                saved = np.load(progress)
+                version = int(saved["version"])
+                self.models, self.latest_version = {version: saved["weights"]}, version
+                log.info("%s: resuming from global model version %d", self.id, version)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("%s: stored model unusable (%s); starting fresh", self.id, exc)
 
     # ------------------------------------------------------------------ inbound
     def dispatch(self, msg: Inbound, raise_refusal: bool = False) -> None:
@@ -203,6 +294,10 @@ class Agent:
 
     def _run_round(self, rnd: int, start: wire.RoundStart) -> None:
         self.handled_rounds.add(rnd)
+        if not self._memory_allows(rnd):
+            return
+        self._busy_until = start.deadline + 60
+        self.notifier.status(f"round {rnd}: {start.purpose}")
         try:
             if start.purpose == "sensitivity":
                 self._send_sensitivity(rnd, start)
@@ -210,16 +305,45 @@ class Agent:
                 self._participate(rnd, start)
         except Exception as exc:  # one failed round must not kill the daemon
             log.exception("%s: round %d failed: %s", self.id, rnd, exc)
+        finally:
+            self._busy_until = None
+            self.notifier.status(f"round {rnd} done; waiting for rounds of task {self.task}")
+
+    def _memory_allows(self, rnd: int) -> bool:
+        """Decline a round that would take the agent over its memory ceiling: better
+        one round without this device than the OOM killer mid-upload."""
+        limit = self.cfg.memory_limit_mb
+        if limit is None:
+            return True
+        rss = psutil.Process().memory_info().rss
+        n = self.trainer.n_params if self.trainer is not None else 0
+        # weights, gradients and optimizer state (float32/64), plus the encrypted update
+        # (~31 B/param serialized, about twice that while being built)
+        need = rss + n * (8 * 4 + 2 * 31)
+        if need > limit * 1024 * 1024:
+            log.error("%s: declining round %d: it needs about %.0f MB, over the %d MB ceiling", self.id, rnd,
+                      need / 1e6, limit)
+            return False
+        return True
+
+    def _clock(self, rnd: int) -> PhaseClock:
+        clock = self.clocks.get(rnd)
+        if clock is None:
+            s = self.session
+            clock = self.clocks[rnd] = PhaseClock(counters=lambda: (s.bytes_sent, s.bytes_received))
+        return clock
 
     def _on_result_chunk(self, env: wire.Envelope) -> None:
         if env.round <= self.latest_version or env.round in self.sensitivity:
             return
+        self._clock(env.round).begin("download")  # from the first result chunk to the last
         done = self.chunks.add(env)
         if done is None:
             return
+        self._clock(env.round).end("download")
         result: wire.Result = wire.decode_body(done.kind, done.body)
         rnd = env.round
-        clock = self.clocks.setdefault(rnd, PhaseClock())
+        clock = self._clock(rnd)
         trainer = self._trainer()
         accuracy = None
         mask = self._mask_of_result(result)
@@ -241,6 +365,8 @@ class Agent:
         self._settle_upload(rnd, result.participants, "aggregated", f"{len(result.participants)} agents made it")
         for old in [r for r in self.uploads if r < rnd]:
             del self.uploads[old]
+        for old in [r for r in self.clocks if r < rnd]:
+            self.clocks.pop(old).close()
         self.chunks.discard(keep=lambda key: key[0] != "result" or key[1] >= rnd)
         if self.parked and self._ready_for(self.parked[1]):
             prnd, start = self.parked
@@ -250,6 +376,9 @@ class Agent:
     def _adopt(self, rnd: int, weights: np.ndarray, accuracy: float, result: wire.Result) -> None:
         self.models = {rnd: weights}
         self.latest_version = rnd
+        tmp = Path(self.cfg.state_dir) / "model.tmp.npz"
+        np.savez(tmp, version=rnd, weights=weights)
+        os.replace(tmp, Path(self.cfg.state_dir) / "model.npz")  # atomic: a crash leaves the old or the new
         self.last_accuracy = accuracy
         log.info("%s: round %d result from %d agents decrypted; test accuracy %.4f",
                  self.id, rnd, len(result.participants), accuracy)
@@ -323,7 +452,7 @@ class Agent:
         return self.models[version]
 
     def _participate(self, rnd: int, start: wire.RoundStart) -> None:
-        clock = self.clocks.setdefault(rnd, PhaseClock())
+        clock = self._clock(rnd)
         trainer = self._trainer()
         base = self._base_weights(start.model_version)
         prot = start.protection
@@ -358,7 +487,7 @@ class Agent:
 
     def _send_sensitivity(self, rnd: int, start: wire.RoundStart) -> None:
         """Step 1 of the mask agreement: our sensitivity map, encrypted, weighted by our samples."""
-        clock = self.clocks.setdefault(rnd, PhaseClock())
+        clock = self._clock(rnd)
         trainer = self._trainer()
         base = self._base_weights(start.model_version)
         with clock.phase("sensitivity"):
@@ -404,11 +533,12 @@ class Agent:
         self.clocks.pop(rnd, None)
 
 
-def run(cfg: AgentConfig) -> int:
+def run(cfg: AgentConfig, config_path: Path | None = None) -> int:
     stop = stop_event()
-    agent = Agent(cfg)
+    reload = reload_event()
+    agent = Agent(cfgmod.apply_profile(cfg), config_path=config_path)
     try:
-        agent.run(stop)
+        agent.run(stop, reload)
     except EnrollmentRefused as exc:
         log.error("%s", exc)
         agent.session.close()

@@ -9,6 +9,7 @@ version or device — starts from bit-identical weights.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,8 @@ from torch import nn
 
 from fedmq.config import DataSettings, ModelSettings, TrainSettings
 from fedmq.models import layer_sizes, mlp
+
+log = logging.getLogger("fedmq.agent.training")
 
 N_FEATURES, N_CLASSES = 64, 10
 
@@ -49,16 +52,28 @@ def build_model(model: ModelSettings) -> nn.Module:
     return mlp(N_FEATURES, list(model.hidden), N_CLASSES)
 
 
+def pick_device(wanted: str) -> torch.device:
+    """CUDA when asked for and present; otherwise the CPU, saying why."""
+    if wanted == "cuda":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        log.warning("profile asks for CUDA but torch sees no GPU; training on the CPU")
+    return torch.device("cpu")
+
+
 class DigitsTrainer:
     def __init__(self, model: ModelSettings, data: DataSettings, train: TrainSettings) -> None:
         torch.set_num_threads(train.torch_threads)
         self.settings = train
         self.model_settings = model
+        self.device = pick_device(train.device)
         self.shard = load_shard(data)
-        self.model = build_model(model)
+        self.model = build_model(model).to(self.device)
         self.n_params = sum(p.numel() for p in self.model.parameters())
-        self._x = torch.from_numpy(self.shard.x_train)
-        self._y = torch.from_numpy(self.shard.y_train)
+        # The shard lives on the device once; batches are index views of it.
+        self._x = torch.from_numpy(self.shard.x_train).to(self.device)
+        self._y = torch.from_numpy(self.shard.y_train).to(self.device)
+        self._amp = train.mixed_precision and self.device.type == "cuda"
         self._seed = data.seed * 1_000_003 + data.shard
 
     @property
@@ -77,10 +92,12 @@ class DigitsTrainer:
     def load(self, weights: np.ndarray) -> None:
         if weights.size != self.n_params:
             raise ValueError(f"weights have {weights.size} values, model has {self.n_params}")
-        nn.utils.vector_to_parameters(torch.as_tensor(weights, dtype=torch.float32), self.model.parameters())
+        nn.utils.vector_to_parameters(torch.as_tensor(weights, dtype=torch.float32, device=self.device),
+                                      self.model.parameters())
 
     def weights(self) -> np.ndarray:
-        return nn.utils.parameters_to_vector(self.model.parameters()).detach().double().numpy()
+        """The update, moved to host memory once, for protection."""
+        return nn.utils.parameters_to_vector(self.model.parameters()).detach().cpu().double().numpy()
 
     def train(self, weights: np.ndarray, rnd: int, progress=None) -> np.ndarray:
         """Local epochs of SGD from the global weights; returns the new weights."""
@@ -89,14 +106,22 @@ class DigitsTrainer:
         opt = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=0.9)
         gen = torch.Generator().manual_seed(self._seed + rnd)
         loss_fn = nn.CrossEntropyLoss()
+        scaler = torch.amp.GradScaler("cuda") if self._amp else None
         self.model.train()
         for _ in range(s.epochs):
-            perm = torch.randperm(len(self._y), generator=gen)
+            perm = torch.randperm(len(self._y), generator=gen).to(self.device)
             for i in range(0, len(perm), s.batch_size):
                 idx = perm[i : i + s.batch_size]
-                opt.zero_grad()
-                loss_fn(self.model(self._x[idx]), self._y[idx]).backward()
-                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:  # mixed precision on CUDA: fp16 matmuls, fp32 master weights
+                    with torch.autocast("cuda", dtype=torch.float16):
+                        loss = loss_fn(self.model(self._x[idx]), self._y[idx])
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss_fn(self.model(self._x[idx]), self._y[idx]).backward()
+                    opt.step()
             if progress is not None:
                 progress.update(1)
         return self.weights()
@@ -116,5 +141,5 @@ class DigitsTrainer:
     def evaluate(self, weights: np.ndarray) -> float:
         self.load(weights)
         self.model.eval()
-        pred = self.model(torch.from_numpy(self.shard.x_test)).argmax(dim=1).numpy()
+        pred = self.model(torch.from_numpy(self.shard.x_test).to(self.device)).argmax(dim=1).cpu().numpy()
         return float((pred == self.shard.y_test).mean())

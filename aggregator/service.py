@@ -24,8 +24,10 @@ from fedmq.mqtt_session import Inbound, MqttSession
 from fedmq.private_files import write_private
 from fedmq.aggregation import RoundSum
 from fedmq.signals import stop_event
+from fedmq.telemetry_db import TelemetryDB
 
 from aggregator.round_state import Decision, Outcome, Rejected, RoundState
+from aggregator.metrics import Metrics
 from aggregator.round_store import RoundStore, StoredParts
 
 log = logging.getLogger("fedmq.aggregator")
@@ -59,6 +61,12 @@ class Aggregator:
         self._retained: dict[int, int] = {}  # round -> result chunks this process left retained
         self._state_file = Path(cfg.state_dir) / "aggregator_state.json"
         self.store = RoundStore(Path(cfg.state_dir))
+        self.telemetry = TelemetryDB(Path(cfg.state_dir) / "telemetry.sqlite")
+        self.metrics = Metrics(cfg.metrics_port, cfg.metrics_host)
+        self._inbound_bytes = 0
+        self._telemetry_seen: set[tuple[int, str]] = set()
+        self._last_participants: tuple[int, list[str]] | None = None
+        self._round_opened = time.monotonic()
         self.chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes, parts=StoredParts(self.store))
         self._restore()
 
@@ -87,7 +95,8 @@ class Aggregator:
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         s = self.session
-        for filt in (topics.all_public_context(self.task), topics.ALL_STATUS, topics.all_updates(self.task)):
+        for filt in (topics.all_public_context(self.task), topics.ALL_STATUS, topics.all_updates(self.task),
+                     topics.ALL_TELEMETRY):
             s.subscribe(filt)
         s.connect()
         log.info("waiting for the public context of task %s", self.task)
@@ -111,6 +120,13 @@ class Aggregator:
             if stop.is_set():
                 break
             self._close_round(self.state.decide(time.time()))
+        if not stop.is_set() and self._last_participants:
+            # The agents report a round's costs after decrypting its result: give the
+            # last round's telemetry a moment to arrive before we go.
+            rnd, people = self._last_participants
+            self._pump(stop, until=lambda: all((rnd, a) in self._telemetry_seen for a in people),
+                       timeout=self.cfg.telemetry_linger_s)
+        self.telemetry.close()
         log.info("aggregator done after %d training round(s)", self.rounds_done)
 
     def _pump(self, stop: threading.Event, until, timeout: float | None = None,
@@ -236,12 +252,20 @@ class Aggregator:
             env = wire.decode_envelope(msg.payload, max_bytes=self.cfg.max_message_bytes)
             wire.check_against_topic(env, info, task=self.task)
             handler = {"update": self._on_update_chunk, "status": self._on_status,
-                       "public_context": self._on_public_context}.get(info.family)
+                       "public_context": self._on_public_context, "telemetry": self._on_telemetry}.get(info.family)
             if handler is None:
                 raise wire.WireError(f"aggregator does not consume {info.family} messages")
+            self._inbound_bytes = len(msg.payload)
             handler(env)
         except (ValueError, Rejected, he.HEError) as exc:  # WireError is a ValueError
+            self.metrics.rejected.inc()
             log.warning("rejected %s: %s", msg.topic, exc)
+
+    def _on_telemetry(self, env: wire.Envelope) -> None:
+        tele: wire.Telemetry = wire.decode_body(env.kind, env.body)
+        self.telemetry.record(env.round, env.sender, tele)
+        self._telemetry_seen.add((env.round, env.sender))
+        self.metrics.telemetry(env.sender, tele)
 
     def _on_public_context(self, env: wire.Envelope) -> None:
         done = self._context_chunks.add(env)
@@ -273,6 +297,7 @@ class Aggregator:
             self.gone.add(env.sender)
             if self.state:
                 self.state.mark_offline(env.sender, time.time())
+        self.metrics.agents_online.set(len(self.online))
         log.info("agent %s is %s (%d online)", env.sender, body.state, len(self.online))
 
     def _on_update_chunk(self, env: wire.Envelope) -> None:
@@ -281,6 +306,8 @@ class Aggregator:
             raise Rejected(f"chunk for round {env.round}, which is not open")
         st.check(env.sender, time.time())
         done = self.chunks.add(env)
+        self.telemetry.add_upload(env.round, env.sender, self._inbound_bytes)
+        self.metrics.update_bytes.inc(self._inbound_bytes)
         if done is not None:
             self._fold(done)
 
@@ -301,6 +328,7 @@ class Aggregator:
             self.mask_digest = update.mask_digest
             log.info("task mask fixed by the first verified update: digest %s", update.mask_digest.hex()[:16])
         self.bytes_received += len(done.body)
+        self.metrics.updates.inc()
         log.info("round %d: folded %s's update (%d samples, %d bytes); %d/%d reported",
                  st.round, env.sender, update.num_samples, len(done.body), len(st.weights), len(st.selected))
 
@@ -379,6 +407,7 @@ class Aggregator:
         selected = self._select(sorted(self.online), cap, rnd)
         quorum = min(self.cfg.min_agents, len(selected))
         deadline = time.time() + self.cfg.round_timeout_s
+        self._round_opened = time.monotonic()
         self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline, purpose=purpose,
                                 offline_grace_s=self.cfg.offline_grace_s)
         self.n_encrypted, self.code_layout, self.bytes_received, self.agg_s = None, None, 0, 0.0
@@ -419,6 +448,10 @@ class Aggregator:
         log.info("round %d %s: %s; participants %s, dropped %s, %d partial upload(s) discarded, agg %.3fs",
                  st.round, decision.outcome.value, decision.reason, participants, st.dropped,
                  dropped_partials, self.agg_s)
+        self.metrics.rounds.labels(decision.outcome.value).inc()
+        self.metrics.round_seconds.observe(time.monotonic() - self._round_opened)
+        self.metrics.participants.set(len(participants))
+        self._last_participants = (st.round, participants)
         self.sum = None  # free the sums: O(model) memory per open round only
         self.next_round = st.round + 1
         if st.purpose == "train":

@@ -69,7 +69,27 @@ def agent(config: Path = typer.Option(..., "--config", help="Agent YAML."),
     configure(cfg.agent_id, log_level)
     from agent.service import run
 
-    raise typer.Exit(run(cfg))
+    raise typer.Exit(run(cfg, config_path=config))
+
+
+@app.command("install-unit")
+def install_unit(config: Path = typer.Option(..., "--config", help="The agent YAML the service runs with."),
+                 out: Path = typer.Option(Path("/etc/systemd/system/fedmq-agent.service"), help="Unit file to write."),
+                 user: str = typer.Option("fedmq", help="Dedicated system user the agent runs as."),
+                 watchdog_s: int = typer.Option(120, min=10, help="WatchdogSec=.")) -> None:
+    """Write the agent's systemd unit (Type=notify, watchdog, hardened). Then:
+    useradd --system fedmq; systemctl daemon-reload; systemctl enable --now fedmq-agent."""
+    from fedmq.systemd_unit import render_unit
+
+    cfg = _load(cfgmod.AgentConfig, config)
+    try:
+        text = render_unit(cfg, config, user=user, watchdog_s=watchdog_s)
+    except ValueError as exc:
+        typer.echo(f"config error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    typer.echo(f"wrote {out}")
 
 
 @app.command()
@@ -123,6 +143,25 @@ def fieldtest(scenario: Path = typer.Argument(..., help="Scenario YAML (see conf
         if json_out:
             write_json(report, json_out)
     raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def report(db: Path = typer.Option(Path("state/aggregator/telemetry.sqlite"), "--db",
+                                   help="The aggregator's telemetry database (in its state_dir)."),
+           png: Optional[Path] = typer.Option(None, help="Write PNG plots into this directory.")) -> None:
+    """Per-round, per-device time, memory and bytes from the aggregator's telemetry."""
+    from rich.console import Console
+
+    from fedmq.report import render_table, write_pngs
+
+    if not db.exists():
+        typer.echo(f"no telemetry database at {db} (see the aggregator's state_dir)", err=True)
+        raise typer.Exit(2)
+    rows = render_table(db, Console(width=max(Console().width, 160)))
+    if png is not None:
+        for path in write_pngs(db, png):
+            typer.echo(f"wrote {path}")
+    raise typer.Exit(0 if rows else 1)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures and write them to files.")
@@ -190,6 +229,25 @@ def bench_aggregator_memory(
                f"{row['all_in_memory_would_need_bytes'] / mb:.0f} MiB); {row['participants']} folded, "
                f"{row['until_closed_s']:.0f}s -> {json_out}")
     raise typer.Exit(0 if row["meets_target"] and row["participants"] == clients else 1)
+
+
+@bench_app.command("agent-idle")
+def bench_agent_idle(json_out: Path = typer.Option(Path("benchmarks/results/agent_idle.json"), "--json")) -> None:
+    """Resident memory of an enrolled agent waiting for its first round (target <= 80 MB)."""
+    import json
+    import tempfile
+
+    from fedmq.bench import agent_idle
+
+    configure("bench", "WARNING")
+    with tempfile.TemporaryDirectory(prefix="fedmq-idle-") as tmp:
+        row = agent_idle.run(Path(tmp))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(row, indent=2))
+    typer.echo(f"idle agent: RSS {row['idle_rss_mb']:.1f} MB, USS {row['idle_uss_mb']:.1f} MB (target <= "
+               f"{row['target_mb']} MB); heavy libraries mapped: {row['heavy_libraries_mapped'] or 'none'} "
+               f"-> {json_out}")
+    raise typer.Exit(0 if row["meets_target"] else 1)
 
 
 @bench_app.command("accuracy")

@@ -97,6 +97,8 @@ class TrainSettings(_Section):
     batch_size: Annotated[int, Field(ge=1)] = 32
     lr: Annotated[float, Field(gt=0)] = 0.1
     torch_threads: Annotated[int, Field(ge=1)] = 1
+    device: Literal["cpu", "cuda"] = "cpu"
+    mixed_precision: bool = False  # autocast on CUDA
     sensitivity_samples: Annotated[int, Field(ge=1)] = 64  # K of the sensitivity map
 
 
@@ -119,6 +121,11 @@ class AgentConfig(_Section):
     data: DataSettings = DataSettings()
     train: TrainSettings = TrainSettings()
     faults: FaultSettings = FaultSettings()
+    # Fills in what this file leaves unset (device, threads, batch and chunk size,
+    # memory ceiling): auto | raspberry-pi | laptop | gpu-server. See device_profiles.py.
+    profile: Literal["auto", "raspberry-pi", "laptop", "gpu-server", "none"] = "none"
+    he_threads: Annotated[int, Field(ge=1)] | None = None
+    memory_limit_mb: Annotated[int, Field(ge=64)] | None = None  # the agent declines rounds that would exceed it
 
 
 class AggregatorConfig(_Section):
@@ -141,6 +148,9 @@ class AggregatorConfig(_Section):
     # How long an agent's last will must stand before a round stops waiting for it:
     # agents reconnect within seconds of a broker restart or a Wi-Fi blip.
     offline_grace_s: Annotated[float, Field(ge=0)] = 8.0
+    metrics_port: Port | None = None  # Prometheus /metrics on metrics_host (off by default)
+    metrics_host: str = "127.0.0.1"
+    telemetry_linger_s: Annotated[float, Field(ge=0)] = 10.0  # after the last round, wait for its telemetry
     wait_for_agents_s: Annotated[float, Field(gt=0)] = 120.0
     chunk_size: Annotated[int, Field(ge=1 * KiB, le=64 * 1024 * KiB)] = 256 * KiB
     # Selective Parameter Encryption: p (0 plaintext .. 1 full), mode sensitivity|random,
@@ -210,6 +220,22 @@ def load(model: type[C], path: str | Path, overrides: dict | None = None) -> C:
 def _holds_secret(raw: dict) -> bool:
     return any(k in _SECRET_KEYS for k in raw) or any(
         isinstance(v, dict) and _holds_secret(v) for v in raw.values())
+
+
+def apply_profile(cfg: AgentConfig) -> AgentConfig:
+    """The agent config with its device profile's values where the file set none."""
+    if cfg.profile == "none":
+        return cfg
+    from fedmq.device_profiles import resolve
+
+    prof = resolve(cfg.profile)
+    train_set, top_set = cfg.train.model_fields_set, cfg.model_fields_set
+    train = cfg.train.model_copy(update={k: v for k, v in {
+        "device": prof.device, "torch_threads": prof.torch_threads, "batch_size": prof.batch_size,
+        "mixed_precision": prof.mixed_precision}.items() if k not in train_set})
+    top = {k: v for k, v in {"chunk_size": prof.chunk_size, "he_threads": prof.he_threads,
+                             "memory_limit_mb": prof.memory_limit_mb}.items() if k not in top_set}
+    return cfg.model_copy(update={"train": train, **top})
 
 
 def dump(config: BaseModel) -> str:

@@ -71,6 +71,7 @@ class Cluster:
     quantization: cfgmod.QuantizationSettings | None = None  # the key authority's secret plan
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     agent_overrides: dict[str, dict] = field(default_factory=dict)
+    aggregator_overrides: dict = field(default_factory=dict)
 
     @property
     def agent_ids(self) -> list[str]:
@@ -91,7 +92,7 @@ class Cluster:
             task=TASK, broker=endpoint, state_dir=self.workdir / "state/aggregator", rounds=self.rounds,
             min_agents=min_agents, target_agents=self.target_agents or self.n_agents, selection_grace_s=self.selection_grace_s,
             round_timeout_s=self.round_timeout_s, offline_grace_s=self.offline_grace_s, chunk_size=self.chunk_size,
-            protection=self.protection))
+            protection=self.protection, **self.aggregator_overrides))
         for i, a in enumerate(self.agent_ids):
             raw = dict(agent_id=a, credential=creds[a], task=TASK, broker=endpoint,
                        state_dir=self.workdir / f"state/{a}", chunk_size=self.chunk_size,
@@ -105,11 +106,11 @@ class Cluster:
     def _write(self, name: str, cfg) -> None:
         write_private(self.config_path(name), cfgmod.dump(cfg).encode())
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name}.log", "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = subprocess.Popen([sys.executable, "-m", "fedmq", *args], stdout=out, stderr=subprocess.STDOUT,
                                 env=env, cwd=Path(__file__).resolve().parent.parent)
         self.procs[name] = proc
@@ -119,9 +120,9 @@ class Cluster:
         self.start("broker", "broker", "--port", str(self.port))
         wait_for_port(self.port)
 
-    def start_role(self, name: str) -> subprocess.Popen:
+    def start_role(self, name: str, env: dict | None = None) -> subprocess.Popen:
         role = "agent" if name.startswith("agent-") else name
-        return self.start(name, role, "--config", str(self.config_path(name)))
+        return self.start(name, role, "--config", str(self.config_path(name)), env=env)
 
     def start_all(self, embedded_broker: bool = True) -> None:
         if embedded_broker:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,28 @@ class Inbound:
     qos: int = 0
 
 
+class _JitteredClient(mqtt.Client):
+    """paho's client with "full jitter" reconnect back-off: each wait is drawn
+    uniformly from [min, current cap], the cap doubling up to ``max_delay``. A
+    fleet that lost its broker together then does not reconnect in lock-step
+    (paho's own back-off is deterministic). It retries forever, as paho does;
+    nothing accumulates per attempt."""
+
+    def _reconnect_wait(self) -> None:
+        with self._reconnect_delay_mutex:
+            cap = self._reconnect_min_delay if self._reconnect_delay is None else min(
+                self._reconnect_delay * 2, self._reconnect_max_delay)
+            self._reconnect_delay = cap
+            wait = random.uniform(min(self._reconnect_min_delay, cap), cap)
+        target = time.monotonic() + wait
+        stopping = (mqtt._ConnectionState.MQTT_CS_DISCONNECTING, mqtt._ConnectionState.MQTT_CS_DISCONNECTED)
+        while self._state not in stopping and not self._thread_terminate:
+            remaining = target - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(remaining, 0.5))
+
+
 class MqttSession:
     def __init__(self, endpoint: BrokerEndpoint, client_id: str, *,
                  will: tuple[str, bytes] | None = None, manual_ack: bool = False) -> None:
@@ -63,12 +86,12 @@ class MqttSession:
         self._sub_mid: int | None = None
         self._refused: str | None = None
         self._lock = threading.Lock()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+        c = _JitteredClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                         protocol=mqtt.MQTTv311, clean_session=not endpoint.persistent_session,
                         manual_ack=manual_ack)
         c.max_inflight_messages_set(endpoint.max_inflight)
         c.max_queued_messages_set(0)
-        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.reconnect_delay_set(min_delay=0.5, max_delay=30)
         if endpoint.username:
             pw = endpoint.password.get_secret_value() if endpoint.password else None
             c.username_pw_set(endpoint.username, pw)

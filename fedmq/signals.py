@@ -12,3 +12,10 @@ def stop_event() -> threading.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     return stop
+
+
+def reload_event() -> threading.Event:
+    """SIGHUP (``systemctl reload``) sets this; the daemon re-reads its config."""
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    return reload

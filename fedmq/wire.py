@@ -297,6 +297,10 @@ class AgentStatus:
 class PhaseCost:
     wall_s: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
     cpu_s: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
+    peak_rss: NonNegInt = 0  # highest resident set seen during the phase (sampled)
+    cpu_pct: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)] = 0.0  # cpu_s / wall_s, in % of one core
+    bytes_sent: NonNegInt = 0  # MQTT payload bytes published during the phase
+    bytes_received: NonNegInt = 0
 
 
 @message(config=_STRICT)

@@ -210,11 +210,12 @@ class FieldTest:
                 continue
             self._schedule(r, f)
 
-    def _on_closed(self, r: int) -> None:
+    def _on_closed(self, r: int) -> bool:
+        """True when this is the round's close (not a retained copy delivered again)."""
         rep = self.reports.get(r)
         c = self.observer.rounds[r].closed
         if rep is None or rep.status != "open":
-            return
+            return False
         rep.status, rep.participants, rep.dropped = c.status, list(c.participants), list(c.dropped)
         rep.bytes_received = c.bytes_received
         rep.close_s = time.monotonic() - self.started_at[r]
@@ -224,6 +225,7 @@ class FieldTest:
             if rr == r:
                 self._skip(r, f"{what}: the round closed first")
                 del self.arms[i]
+        return True
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -263,8 +265,7 @@ class FieldTest:
                 if event and event[0] == "start":
                     self._on_start(event[1])
                 elif event and event[0] == "closed":
-                    self._on_closed(event[1])
-                    if on_round and event[1] > self.offset and event[1] in self.reports:
+                    if self._on_closed(event[1]) and on_round and event[1] > self.offset:
                         on_round(self.reports[event[1]])
                 self._tick()
                 closed = [r for r, rep in self.reports.items() if rep.status != "open" and r > self.offset]
