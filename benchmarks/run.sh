@@ -5,3 +5,6 @@ cd "$(dirname "$0")/.."
 fedmq bench he --quick --json benchmarks/results/he-quick.json
 fedmq bench he --json benchmarks/results/he.json
 fedmq bench accuracy --json benchmarks/results/accuracy.json
+fedmq bench aggregator-memory --json benchmarks/results/aggregator_memory.json
+fedmq bench agent-idle --json benchmarks/results/agent_idle.json
+fedmq fieldtest configs/fieldtests/thirty-percent.yaml --json benchmarks/results/fieldtest-thirty-percent.json

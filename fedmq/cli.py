@@ -250,6 +250,31 @@ def bench_agent_idle(json_out: Path = typer.Option(Path("benchmarks/results/agen
     raise typer.Exit(0 if row["meets_target"] else 1)
 
 
+@bench_app.command("cycle")
+def bench_cycle(json_out: Path = typer.Option(Path("benchmarks/results/cycle-cpu.json"), "--json"),
+                png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
+                device: str = typer.Option("cpu", help="cpu | cuda"),
+                samples: int = typer.Option(512, min=8, help="Local training samples (one epoch)."),
+                ps: str = typer.Option("0,0.1,0.3,1", help="Encrypted fractions.")) -> None:
+    """Time breakdown of one agent cycle (train, sensitivity, protect, serialize), ResNet-18, 32x32."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedmq.bench import cycle
+
+    configure("bench", "WARNING")
+    rows = cycle.run(device=device, ps=tuple(float(v) for v in ps.split(",")), samples=samples)
+    cycle.write(rows, json_out, png or json_out.with_suffix(".png"))
+    table = Table(title=f"ResNet-18 cycle on {rows[0].device_name} ({samples} samples, one epoch)")
+    for col in ("p", "train s", "sensitivity s", "protect s", "serialize s", "total s", "HE share", "MB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r.p:g}", f"{r.train_s:.2f}", f"{r.sensitivity_s:.2f}", f"{r.protect_s:.2f}",
+                      f"{r.serialize_s:.2f}", f"{r.total_s:.2f}", f"{100 * r.he_share:.0f}%",
+                      f"{r.update_bytes / 1e6:.1f}")
+    Console().print(table)
+
+
 @bench_app.command("accuracy")
 def bench_accuracy(json_out: Path = typer.Option(Path("benchmarks/results/accuracy.json"), "--json"),
                    png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
