@@ -37,7 +37,10 @@ class Aggregator:
     def __init__(self, cfg: AggregatorConfig) -> None:
         self.cfg = cfg
         self.task = cfg.task
-        self.session = MqttSession(cfg.broker, cfg.aggregator_id, manual_ack=True)
+        # Inbound payloads beyond inbox_max_bytes wait on disk: a backlog of fifty
+        # uploads must not become fifty uploads in memory.
+        self.session = MqttSession(cfg.broker, cfg.aggregator_id, manual_ack=True,
+                                   inbox_max_bytes=cfg.inbox_max_bytes, spool_dir=Path(cfg.state_dir) / "spool")
         self._context_chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes)
         self.ctx = None
         self.bfv_ctx = None
@@ -192,11 +195,12 @@ class Aggregator:
                 continue
             if done is not None:  # every chunk had arrived; we died before folding it
                 complete.append(done)
-        for done in complete:
+        while complete:
+            sender, rnd = complete[0].sender, complete[0].round
             try:
-                self._fold(done)
+                self._fold(complete.pop(0))
             except (ValueError, Rejected, he.HEError) as exc:
-                log.warning("rejected %s's restored round-%d update: %s", done.sender, done.round, exc)
+                log.warning("rejected %s's restored round-%d update: %s", sender, rnd, exc)
         log.info("resumed round %d after a restart: %d update(s) already folded %s, %d chunk(s) of unfinished "
                  "uploads restored", st.round, len(st.weights), sorted(st.weights), restored)
         for agent in sorted(st.selected - st.weights.keys()):
@@ -309,15 +313,25 @@ class Aggregator:
         self.telemetry.add_upload(env.round, env.sender, self._inbound_bytes)
         self.metrics.update_bytes.inc(self._inbound_bytes)
         if done is not None:
-            self._fold(done)
+            pending, done = [done], None
+            self._fold(pending.pop())
 
     def _fold(self, done: Completed) -> None:
         """Verify a whole update and fold it into the running sum (one transaction)."""
         st, env = self.state, done.envelope
         update: wire.Update = wire.decode_body(done.kind, done.body)
+        nbytes = len(done.body)
+        del done  # the caller's reference goes too (see _on_update_chunk): one copy of the update at a time
         plain = self._check_layout(st, update)
         t0 = time.perf_counter()
-        self.sum.fold(update, plain)
+        try:
+            self.sum.fold(update, plain, consume=True)
+        except he.HEError:
+            if self.sum.corrupt:  # half-added: back to the sum as last committed
+                saved = self.store.load()
+                self.sum = RoundSum.from_bytes(saved[2], ckks=self.ctx, bfv=self.bfv_ctx) if saved and saved[2] \
+                    else RoundSum(quantized=self.sum.quantized, ckks=self.ctx, bfv=self.bfv_ctx)
+            raise
         st.record(env.sender, update.num_samples, time.time())
         self.code_layout = [(len(c) // w, w) for c, w in zip(update.codes, update.code_widths)]
         self.store.fold(st, {"n_encrypted": update.n_encrypted, "code_layout": self.code_layout},
@@ -327,10 +341,10 @@ class Aggregator:
         if st.purpose == "train" and self.mask_digest is None and update.mask_digest is not None:
             self.mask_digest = update.mask_digest
             log.info("task mask fixed by the first verified update: digest %s", update.mask_digest.hex()[:16])
-        self.bytes_received += len(done.body)
+        self.bytes_received += nbytes
         self.metrics.updates.inc()
         log.info("round %d: folded %s's update (%d samples, %d bytes); %d/%d reported",
-                 st.round, env.sender, update.num_samples, len(done.body), len(st.weights), len(st.selected))
+                 st.round, env.sender, update.num_samples, nbytes, len(st.weights), len(st.selected))
 
     def _clear_retained(self, keep_from: int) -> None:
         """Drop the retained start/result/closed messages of old rounds from the broker,

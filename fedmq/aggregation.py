@@ -26,16 +26,19 @@ class RoundSum:
         self.n_params: int | None = None
         self.n_encrypted: int | None = None
         self.n_ciphertexts: int | None = None
+        self.corrupt = False  # a fold failed half-way: restore from the last persisted copy
 
-    def fold(self, update: wire.Update, plain: np.ndarray | None = None) -> None:
-        """Add one update; raises HEError if its ciphertexts do not fit the task or the sum."""
+    def fold(self, update: wire.Update, plain: np.ndarray | None = None, consume: bool = False) -> None:
+        """Add one update; raises HEError if its ciphertexts do not fit the task or the sum.
+        ``consume``: drop each serialized ciphertext from ``update`` once added (the
+        aggregator's way to hold one copy of an update at a time)."""
         if self.quantized:
             vectors = he.bfv_load(self.bfv, update.ciphertexts, self.n_ciphertexts)
             codes = [np.frombuffer(seg, dtype=f"<u{w}").astype(np.int64)
                      for seg, w in zip(update.codes, update.code_widths)]
+            self.acc = he.add_into(self.acc, vectors)
         else:
-            vectors = he.load_ciphertexts(self.ckks, update.ciphertexts, update.n_encrypted)
-        self.acc = he.add_into(self.acc, vectors)
+            self._fold_ckks(update, consume)
         if self.quantized:
             self.codes = codes if self.codes is None else [a + c for a, c in zip(self.codes, codes)]
             self.code_widths = list(update.code_widths)
@@ -46,6 +49,32 @@ class RoundSum:
             self.plain = weighted if self.plain is None else self.plain + weighted
         self.n_params, self.n_encrypted = update.n_params, update.n_encrypted
         self.n_ciphertexts = len(update.ciphertexts)
+
+    def _fold_ckks(self, update: wire.Update, consume: bool) -> None:
+        """One ciphertext at a time, each serialized blob dropped once added: the peak is
+        the sum plus one update's bytes, not the sum plus the whole update loaded.
+        A ciphertext failing half-way leaves the sum partly added: the caller must
+        then restore the sum from its last committed copy (``corrupt`` says so)."""
+        blobs = update.ciphertexts
+        he.check_count(self.ckks, blobs, update.n_encrypted)
+        if self.acc is not None and len(self.acc) != len(blobs):
+            raise he.HEError(f"update has {len(blobs)} ciphertexts, sum has {len(self.acc)}")
+        fresh = self.acc is None
+        acc = [] if fresh else self.acc
+        for i in range(len(blobs)):
+            try:
+                vec = he.load_ciphertext(self.ckks, blobs[i], i, update.n_encrypted)
+            except he.HEError:
+                if not fresh and i > 0:
+                    self.corrupt = True
+                raise
+            if consume:
+                blobs[i] = b""
+            if fresh:
+                acc.append(vec)
+            else:
+                acc[i] += vec
+        self.acc = acc
 
     def result(self, participants: list[str], total_weight: int, **extra) -> wire.Result:
         sums, widths = [], []
@@ -59,13 +88,26 @@ class RoundSum:
                            plain_avg=plain_avg, code_sums=sums, code_sum_widths=widths, **extra)
 
     def to_bytes(self) -> bytes:
-        """The whole running sum, for crash-safe persistence."""
-        return msgpack.packb({
-            "quantized": self.quantized, "acc": he.serialize_all(self.acc or []),
+        """The whole running sum, for crash-safe persistence. Packed field by field and
+        ciphertext by ciphertext into one buffer (the same bytes as ``msgpack.packb`` of
+        the map), so persisting costs one serialized copy of the sum, not two."""
+        packer = msgpack.Packer(use_bin_type=True)
+        fields = {
+            "quantized": self.quantized, "acc": None,
             "plain": None if self.plain is None else self.plain.astype("<f8").tobytes(),
             "codes": [c.astype("<i8").tobytes() for c in self.codes or []], "code_widths": self.code_widths,
             "n_params": self.n_params, "n_encrypted": self.n_encrypted, "n_ciphertexts": self.n_ciphertexts,
-        }, use_bin_type=True)
+        }
+        out = bytearray(packer.pack_map_header(len(fields)))
+        for key, value in fields.items():
+            out += packer.pack(key)
+            if key == "acc":
+                out += packer.pack_array_header(len(self.acc or []))
+                for vec in self.acc or []:
+                    out += packer.pack(vec.serialize())
+            else:
+                out += packer.pack(value)
+        return bytes(out)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, ckks=None, bfv=None) -> "RoundSum":

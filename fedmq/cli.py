@@ -225,7 +225,9 @@ def bench_aggregator_memory(
     typer.echo(f"{clients} clients x {row['encrypted_update_bytes'] / mb:.1f} MiB encrypted update "
                f"({params:,} params): aggregator base {row['aggregator_base_rss_bytes'] / mb:.0f} MiB, peak "
                f"{row['aggregator_peak_rss_bytes'] / mb:.0f} MiB = base + "
-               f"{row['peak_minus_base_in_models']:.2f} x update (target <= 3; all-in-memory would need "
+               f"{row['peak_minus_base_in_models']:.2f} x the serialized update = "
+               f"{row['peak_minus_base_in_memory_models']:.2f} x the update as SEAL holds it (target <= 3; "
+               f"all-in-memory would need "
                f"{row['all_in_memory_would_need_bytes'] / mb:.0f} MiB); {row['participants']} folded, "
                f"{row['until_closed_s']:.0f}s -> {json_out}")
     raise typer.Exit(0 if row["meets_target"] and row["participants"] == clients else 1)
@@ -266,11 +268,11 @@ def bench_cycle(json_out: Path = typer.Option(Path("benchmarks/results/cycle-cpu
     rows = cycle.run(device=device, ps=tuple(float(v) for v in ps.split(",")), samples=samples)
     cycle.write(rows, json_out, png or json_out.with_suffix(".png"))
     table = Table(title=f"ResNet-18 cycle on {rows[0].device_name} ({samples} samples, one epoch)")
-    for col in ("p", "train s", "sensitivity s", "protect s", "serialize s", "total s", "HE share", "MB"):
+    for col in ("p", "train s", "sensitivity s", "protect s", "serialize s", "total s", "privacy share", "MB"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(f"{r.p:g}", f"{r.train_s:.2f}", f"{r.sensitivity_s:.2f}", f"{r.protect_s:.2f}",
-                      f"{r.serialize_s:.2f}", f"{r.total_s:.2f}", f"{100 * r.he_share:.0f}%",
+                      f"{r.serialize_s:.2f}", f"{r.total_s:.2f}", f"{100 * r.protection_share:.0f}%",
                       f"{r.update_bytes / 1e6:.1f}")
     Console().print(table)
 

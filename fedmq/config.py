@@ -151,6 +151,7 @@ class AggregatorConfig(_Section):
     metrics_port: Port | None = None  # Prometheus /metrics on metrics_host (off by default)
     metrics_host: str = "127.0.0.1"
     telemetry_linger_s: Annotated[float, Field(ge=0)] = 10.0  # after the last round, wait for its telemetry
+    inbox_max_bytes: Annotated[int, Field(ge=1 * KiB)] = 16 * 1024 * KiB  # inbound backlog in memory; the rest spools
     wait_for_agents_s: Annotated[float, Field(gt=0)] = 120.0
     chunk_size: Annotated[int, Field(ge=1 * KiB, le=64 * 1024 * KiB)] = 256 * KiB
     # Selective Parameter Encryption: p (0 plaintext .. 1 full), mode sensitivity|random,

@@ -124,24 +124,33 @@ def encrypt(ctx, values: np.ndarray, progress: Iterable | None = None) -> list[b
             for i in range(0, flat.size, slots)]
 
 
-def load_ciphertexts(ctx, blobs: Sequence[bytes], n_values: int) -> list:
-    """Deserialize and check that the blobs pack exactly ``n_values`` for this context."""
-    ts = _ts()
-    slots = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree() // 2
-    expected = n_ciphertexts(n_values, slots)
+def _slots_of(ctx) -> int:
+    return ctx.seal_context().data.key_context_data().parms().poly_modulus_degree() // 2
+
+
+def check_count(ctx, blobs: Sequence[bytes], n_values: int) -> None:
+    expected = n_ciphertexts(n_values, _slots_of(ctx))
     if len(blobs) != expected:
         raise HEError(f"{len(blobs)} ciphertexts for {n_values} values; expected {expected}")
-    vectors = []
-    for i, blob in enumerate(blobs):
-        try:
-            vec = ts.ckks_vector_from(ctx, blob)
-        except Exception as exc:
-            raise HEError(f"ciphertext {i} does not load under the task's context: {exc}") from None
-        want = min(slots, n_values - i * slots)
-        if vec.size() != want:
-            raise HEError(f"ciphertext {i} packs {vec.size()} values, expected {want}")
-        vectors.append(vec)
-    return vectors
+
+
+def load_ciphertext(ctx, blob: bytes, i: int, n_values: int):
+    """Deserialize ciphertext ``i`` of a vector of ``n_values`` and check what it packs."""
+    slots = _slots_of(ctx)
+    try:
+        vec = _ts().ckks_vector_from(ctx, blob)
+    except Exception as exc:
+        raise HEError(f"ciphertext {i} does not load under the task's context: {exc}") from None
+    want = min(slots, n_values - i * slots)
+    if vec.size() != want:
+        raise HEError(f"ciphertext {i} packs {vec.size()} values, expected {want}")
+    return vec
+
+
+def load_ciphertexts(ctx, blobs: Sequence[bytes], n_values: int) -> list:
+    """Deserialize and check that the blobs pack exactly ``n_values`` for this context."""
+    check_count(ctx, blobs, n_values)
+    return [load_ciphertext(ctx, blob, i, n_values) for i, blob in enumerate(blobs)]
 
 
 def add_into(acc: list | None, vectors: list) -> list:

@@ -9,13 +9,17 @@ training work never blocks paho's network loop (and its keep-alive pings).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
+import os
 import queue
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
@@ -37,6 +41,61 @@ class Inbound:
     retain: bool
     mid: int = 0
     qos: int = 0
+
+
+class SpillingInbox:
+    """A FIFO of inbound messages that keeps at most ``max_bytes`` of payloads in
+    memory; beyond that, payloads wait in files under ``spool_dir``.
+
+    Why: a broker may push a backlog faster than the role can handle it (mosquitto
+    2.0 sends all queued messages once acknowledgements start flowing, whatever its
+    in-flight limit), and paho's network thread must never block — it also reads the
+    PUBACKs the role itself waits for. Spooled messages are still unacknowledged
+    (manual ack), so a crash loses none of them: the broker delivers them again.
+    """
+
+    def __init__(self, max_bytes: int | None = None, spool_dir: Path | None = None) -> None:
+        if max_bytes is not None and spool_dir is None:
+            raise ValueError("a spilling inbox needs a spool directory")
+        self.max_bytes = max_bytes
+        self.spool_dir = spool_dir
+        self._q: queue.Queue[tuple[Inbound, Path | None]] = queue.Queue()
+        self._in_memory = 0
+        self._lock = threading.Lock()
+        self._seq = itertools.count()
+        self.spilled = 0
+        if spool_dir is not None:
+            spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for stale in spool_dir.glob("*.msg"):  # a previous run's: unacknowledged, so redelivered
+                stale.unlink()
+
+    def put(self, msg: Inbound) -> None:
+        with self._lock:
+            spill = self.max_bytes is not None and self._in_memory + len(msg.payload) > self.max_bytes
+            if not spill:
+                self._in_memory += len(msg.payload)
+        if spill:
+            path = self.spool_dir / f"{next(self._seq):012d}.msg"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(msg.payload)
+            self.spilled += 1
+            self._q.put((dataclasses.replace(msg, payload=b""), path))
+        else:
+            self._q.put((msg, None))
+
+    def get(self, timeout: float | None = None) -> Inbound:
+        msg, path = self._q.get(timeout=timeout)  # raises queue.Empty, like queue.Queue
+        if path is None:
+            with self._lock:
+                self._in_memory -= len(msg.payload)
+            return msg
+        payload = path.read_bytes()
+        path.unlink()
+        return dataclasses.replace(msg, payload=payload)
+
+    def qsize(self) -> int:
+        return self._q.qsize()
 
 
 class _JitteredClient(mqtt.Client):
@@ -63,7 +122,8 @@ class _JitteredClient(mqtt.Client):
 
 class MqttSession:
     def __init__(self, endpoint: BrokerEndpoint, client_id: str, *,
-                 will: tuple[str, bytes] | None = None, manual_ack: bool = False) -> None:
+                 will: tuple[str, bytes] | None = None, manual_ack: bool = False,
+                 inbox_max_bytes: int | None = None, spool_dir: Path | None = None) -> None:
         """``manual_ack``: a QoS 1 message is acknowledged only when the role calls
         :meth:`ack` after handling it. The broker then never has more than its
         in-flight window outstanding to us — backpressure instead of an unbounded
@@ -71,7 +131,7 @@ class MqttSession:
         session after a restart."""
         self.endpoint = endpoint
         self.client_id = client_id
-        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self.inbox = SpillingInbox(inbox_max_bytes, spool_dir)
         self._manual_ack = manual_ack
         self.bytes_sent = 0
         self.bytes_received = 0

@@ -44,3 +44,33 @@ def test_update_whole_on_disk_but_not_folded_is_folded_after_restart(tmp_path):
     resumed = RoundSum.from_bytes(third.store.load()[2], ckks=public)
     assert np.abs(he.decrypt(secret, he.serialize_all(resumed.acc), weights.size) / 40 - weights).max() < 1e-6
     assert third.store.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 0
+
+
+def test_a_ciphertext_failing_half_way_leaves_the_committed_sum(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    secret = he.create_secret_context(he.CkksParams())
+    public = he.load_context(he.serialize_public(secret))
+    agg = Aggregator(AggregatorConfig(state_dir=tmp_path, min_agents=1))
+    agg.ctx = public
+    agg.state = RoundState(1, 0, frozenset({"agent-1", "agent-2"}), 1, time.time() + 60)
+    agg.store.open(agg.state)
+    agg.sum = RoundSum(quantized=False, ckks=public)
+    weights = np.linspace(-1, 1, 9000)  # 5 ciphertexts
+    good = protection.protect_ckks(secret, weights, 10, np.ones(weights.size, dtype=bool), "float32", 2, None)
+    bad = protection.protect_ckks(secret, weights, 10, np.ones(weights.size, dtype=bool), "float32", 2, None)
+    bad = dataclasses.replace(bad, ciphertexts=bad.ciphertexts[:3] + [b"garbage"] + bad.ciphertexts[4:])
+    for sender, update in (("agent-1", good), ("agent-2", bad)):
+        kind, body = wire.encode_body(update)
+        for env in split(kind, "digits", 1, sender, body, 64 * 1024):
+            try:
+                agg._on_update_chunk(env)
+            except he.HEError as exc:
+                assert "ciphertext 3" in str(exc)
+    assert agg.state.weights == {"agent-1": 10}
+    total = he.decrypt(secret, he.serialize_all(agg.sum.acc), weights.size)
+    assert np.abs(total / 10 - weights).max() < 1e-6  # agent-2's first three ciphertexts are not in it
+    with pytest.raises(he.HEError):
+        agg.sum.fold(dataclasses.replace(bad), consume=True)

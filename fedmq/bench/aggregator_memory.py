@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 
 from fedmq import config as cfgmod
-from fedmq import protection, topics, wire
+from fedmq import he, protection, topics, wire
 from fedmq.fieldtest import oracle
 from fedmq.local_broker import MosquittoProcess, mosquitto_binary
 from fedmq.local_cluster import TASK, Cluster, free_port
@@ -81,6 +81,9 @@ def run(*, clients: int = 50, params: int = 1_663_370, chunk_kib: int = 256, wor
         weights = np.random.default_rng(0).normal(0, 0.05, params)
         update = protection.protect_ckks(secret, weights, 10, np.ones(params, dtype=bool), "float32", clients, None)
         kind, body = wire.encode_body(update)
+        # The same update as SEAL holds it in memory: 2 polynomials x primes x N words per ciphertext.
+        prm = he.params_of(secret)
+        in_memory = len(update.ciphertexts) * 2 * len(prm.coeff_mod_bit_sizes) * prm.poly_modulus_degree * 8
         del update, secret
         model_bytes = len(body)
         total = -(-len(body) // (chunk_kib * 1024))
@@ -136,6 +139,7 @@ def run(*, clients: int = 50, params: int = 1_663_370, chunk_kib: int = 256, wor
             "aggregator_peak_rss_bytes": peak, "peak_minus_base_bytes": peak - base_rss,
             "peak_minus_base_in_models": (peak - base_rss) / model_bytes,
             "target_models": 3.0, "meets_target": peak - base_rss <= 3 * model_bytes,
+            "update_bytes_in_memory": in_memory, "peak_minus_base_in_memory_models": (peak - base_rss) / in_memory,
             "all_in_memory_would_need_bytes": clients * model_bytes,
             "participants": len(closed.body.participants), "status": closed.body.status,
             "upload_s": upload_s, "until_closed_s": close_s, "wall_s": time.monotonic() - t0,
