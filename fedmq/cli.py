@@ -28,17 +28,40 @@ def _load(model, path: Path):
         raise typer.Exit(2) from None
 
 
-@app.command()
-def broker(port: int = typer.Option(1883, help="TCP port to listen on."),
+broker_app = typer.Typer(invoke_without_command=True, help="The embedded broker; `provision` for mosquitto.")
+app.add_typer(broker_app, name="broker")
+
+
+@broker_app.callback()
+def broker(ctx: typer.Context, port: int = typer.Option(1883, help="TCP port to listen on."),
            host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default)."),
            config: Optional[Path] = typer.Option(None, "--config", help="YAML with host/port."),
            log_level: str = "INFO") -> None:
-    """Run the embedded MQTT broker (amqtt)."""
+    """Run the embedded MQTT broker (amqtt), or a subcommand."""
+    if ctx.invoked_subcommand is not None:
+        return
     configure("broker", log_level)
     from broker.embedded import run
 
     cfg = _load(cfgmod.BrokerServerConfig, config) if config else cfgmod.BrokerServerConfig(host=host, port=port)
     run(cfg)
+
+
+@broker_app.command("provision")
+def broker_provision(agents: int = typer.Option(..., min=1, help="Number of agents to create."),
+                     out: Path = typer.Option(..., help="Directory for mosquitto.conf, passwd, acl, certs, configs."),
+                     tls: bool = typer.Option(False, help="TLS listener with a generated CA and server certificate."),
+                     port: int = typer.Option(8883, help="Listener port."),
+                     host: str = typer.Option("127.0.0.1", help="Listener address and certificate name."),
+                     task: str = typer.Option("digits"),
+                     chunk_kib: int = typer.Option(256, min=1, help="Chunk size; max_packet_size follows it.")) -> None:
+    """Write a locked-down mosquitto (passwords, ACLs, optional TLS) and every role's config."""
+    from broker.provision import provision
+
+    prov = provision(out, agents=agents, port=port, host=host, tls=tls, task=task, chunk_size=chunk_kib * 1024)
+    typer.echo(f"wrote {prov.conf} (+ passwd, acl{', ca.crt, server.crt/key' if tls else ''}) and "
+               f"keyauthority.yaml, aggregator.yaml, {len(prov.agents)} agent configs (0600) in {out}\n"
+               f"start: mosquitto -c {prov.conf}")
 
 
 @app.command()
