@@ -31,6 +31,7 @@ from aggregator.metrics import Metrics
 from aggregator.round_store import RoundStore, StoredParts
 
 log = logging.getLogger("fedmq.aggregator")
+MAX_CONTEXT_CHUNKS = 64  # of the key authority's chunk size: 16 MiB at 256 KiB
 
 
 class Aggregator:
@@ -98,9 +99,12 @@ class Aggregator:
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         s = self.session
-        for filt in (topics.all_public_context(self.task), topics.ALL_STATUS, topics.all_updates(self.task),
-                     topics.ALL_TELEMETRY):
+        for filt in (topics.ALL_STATUS, topics.all_updates(self.task), topics.ALL_TELEMETRY):
             s.subscribe(filt)
+        # The public context's chunks one exact topic each, not by wildcard: RabbitMQ's
+        # MQTT plugin delivers retained messages to exact-topic subscriptions only.
+        for seq in range(MAX_CONTEXT_CHUNKS):
+            s.subscribe(topics.public_context(self.task, seq))
         s.connect()
         log.info("waiting for the public context of task %s", self.task)
         self._pump(stop, until=lambda: self.ctx is not None, park_updates=True)
