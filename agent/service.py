@@ -89,6 +89,7 @@ class Agent:
         s.subscribe(topics.all_results(self.task))
         s.subscribe(topics.own_resends(self.task, self.id))
         s.subscribe(topics.all_round_closed(self.task))
+        s.subscribe(topics.roll_call(self.task))
         self._announce_online()
         s.on_reconnect = self._announce_online
         log.info("%s online and waiting for rounds of task %s", self.id, self.task)
@@ -261,6 +262,9 @@ class Agent:
                 if info.agent != self.id:
                     raise wire.WireError("resend request for another agent")
                 self._on_resend(env)
+            elif info.family == "roll_call":
+                wire.decode_body(env.kind, env.body)  # validated, then answered
+                self._announce_online()
             else:
                 raise wire.WireError(f"agent does not consume {info.family} messages")
         except (ValueError, he.HEError) as exc:

@@ -109,6 +109,7 @@ class Aggregator:
         log.info("waiting for the public context of task %s", self.task)
         self._pump(stop, until=lambda: self.ctx is not None, park_updates=True)
         resumed = self._resume()
+        self._roll_call()
         while not stop.is_set() and (self.cfg.rounds == 0 or self.rounds_done < self.cfg.rounds):
             if resumed:
                 resumed = False
@@ -120,6 +121,7 @@ class Aggregator:
             self._quorum_online_since = None
             if not self._pump(stop, until=self._enough_online, timeout=self.cfg.wait_for_agents_s):
                 log.warning("only %d agent(s) online, need %d; still waiting", len(self.online), self.cfg.min_agents)
+                self._roll_call()
                 continue
             purpose = "sensitivity" if self._needs_mask_agreement() else "train"
             self._open_round(purpose)
@@ -222,6 +224,12 @@ class Aggregator:
             return online
         rng = np.random.default_rng([self.cfg.selection_seed, rnd])
         return sorted(rng.choice(online, size=want, replace=False).tolist())
+
+    def _roll_call(self) -> None:
+        """Ask agents to announce themselves: a status we could not get retained
+        (RabbitMQ, or a broker that lost its retained store) arrives this way."""
+        self.session.send(topics.roll_call(self.task), wire.RollCall(aggregator=self.cfg.aggregator_id),
+                          task=self.task, rnd=0)
 
     def _ask_for_missing(self, agent: str) -> None:
         st = self.state

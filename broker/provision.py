@@ -56,6 +56,7 @@ def acl_text(task: str, aggregator: str = "aggregator", authority: str = "keyaut
         f"pattern read rounds/{task}/+/closed",
         f"pattern read rounds/{task}/+/result/+",
         f"pattern read rounds/{task}/+/resend/%u",
+        f"pattern read rounds/{task}/rollcall",
         "",
         "# The aggregator: updates, statuses, telemetry in; rounds out; the public context.",
         "# No key topic of any agent, ever.",

@@ -65,6 +65,10 @@ def telemetry(agent: str) -> str:
 
 
 # Subscription filters.
+def roll_call(task: str) -> str:
+    return f"rounds/{task}/rollcall"
+
+
 def all_round_starts(task: str) -> str:
     return f"rounds/{task}/+/start"
 
@@ -113,6 +117,8 @@ def parse(topic: str) -> TopicInfo:
     parts = topic.split("/")
     try:
         match parts:
+            case ["rounds", task, "rollcall"]:
+                return TopicInfo("roll_call", task)
             case ["rounds", task, rnd, "start"]:
                 return TopicInfo("round_start", task, int(rnd))
             case ["rounds", task, rnd, "closed"]:

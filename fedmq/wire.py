@@ -294,6 +294,15 @@ class AgentStatus:
 
 
 @message(config=_STRICT)
+class RollCall:
+    """The aggregator asks every agent to announce itself again. Retained statuses
+    would do, but RabbitMQ's MQTT plugin delivers retained messages to exact-topic
+    subscriptions only, and the aggregator subscribes ``agents/+/status``."""
+
+    aggregator: Annotated[str, Strict(), StringConstraints(max_length=64)]
+
+
+@message(config=_STRICT)
 class PhaseCost:
     wall_s: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
     cpu_s: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
@@ -324,6 +333,7 @@ BODY_TYPES: dict[str, type] = {
     "key_refused": KeyRefused,
     "public_context": PublicContext,
     "status": AgentStatus,
+    "roll_call": RollCall,
     "telemetry": Telemetry,
     "resend": ResendRequest,
     "sealed_keys": SealedKeys,  # only ever inside a sealed box, never an envelope kind on the wire
@@ -340,6 +350,7 @@ FAMILY_KINDS: dict[str, set[str]] = {
     "status": {"status"},
     "telemetry": {"telemetry"},
     "resend": {"resend"},
+    "roll_call": {"roll_call"},
 }
 _ADAPTERS = {kind: TypeAdapter(cls) for kind, cls in BODY_TYPES.items()}
 
