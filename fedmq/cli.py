@@ -300,6 +300,34 @@ def bench_cycle(json_out: Path = typer.Option(Path("benchmarks/results/cycle-cpu
     Console().print(table)
 
 
+@bench_app.command("broker")
+def bench_broker(json_out: Path = typer.Option(Path("benchmarks/results/broker.json"), "--json"),
+                 brokers: str = typer.Option("embedded,mosquitto,rabbitmq", help="Which brokers (where installed)."),
+                 total_mb: int = typer.Option(32, min=1, help="Megabytes sent per broker and chunk size.")) -> None:
+    """Chunk throughput (MB/s, chunks/s) through the embedded broker, mosquitto and RabbitMQ."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedmq.bench import broker_throughput
+
+    configure("bench", "WARNING")
+    rows = broker_throughput.run(brokers.split(","), total_mb=total_mb)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(rows, indent=2))
+    table = Table(title=f"Chunk throughput on loopback ({total_mb} MB per row, QoS 1, manual ack)")
+    for col in ("broker", "chunk KiB", "MB/s", "chunks/s", "received"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        if "skipped" in r:
+            table.add_row(r["broker"], "-", "-", "-", r["skipped"])
+        else:
+            table.add_row(r["broker"], str(r["chunk_kib"]), f"{r['mb_per_s']:.1f}", f"{r['chunks_per_s']:.0f}",
+                          f"{r['received']}/{r['chunks']}")
+    Console().print(table)
+
+
 @bench_app.command("accuracy")
 def bench_accuracy(json_out: Path = typer.Option(Path("benchmarks/results/accuracy.json"), "--json"),
                    png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
