@@ -65,7 +65,7 @@ class Cluster:
     chunk_size: int = 64 * 1024
     round_timeout_s: float = 60.0
     selection_grace_s: float = 30.0
-    offline_grace_s: float = 8.0
+    offline_grace_s: float = 3.0  # one machine: a reconnect takes a second, not a Wi-Fi association
     target_agents: int | None = None  # default: every agent
     protection: wire.Protection = field(default_factory=wire.Protection)
     quantization: cfgmod.QuantizationSettings | None = None  # the key authority's secret plan

@@ -178,7 +178,9 @@ class MqttSession:
         deadline = time.monotonic() + ep.connect_timeout_s
         # Wait for CONNACK *and* the SUBACK of the initial subscriptions, so nothing
         # published right after connect() can race past our own subscriptions.
-        if not (self._connected.wait(ep.connect_timeout_s)
+        while not self._connected.is_set() and self._refused is None and time.monotonic() < deadline:
+            self._connected.wait(0.05)  # a refusal (bad password, ACL) ends the wait at once
+        if not (self._connected.is_set()
                 and self._subscribed.wait(max(deadline - time.monotonic(), 0.01))):
             self.client.loop_stop()
             reason = self._refused or f"no CONNACK/SUBACK within {ep.connect_timeout_s}s"
