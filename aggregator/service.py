@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmq import he, masking, topics, wire
+from fedmq import he, masking, topics, update_stream, wire
 from fedmq.chunking import Completed, Reassembler
 from fedmq.config import AggregatorConfig
 from fedmq.mqtt_session import Inbound, MqttSession
@@ -71,7 +71,9 @@ class Aggregator:
         self._telemetry_seen: set[tuple[int, str]] = set()
         self._last_participants: tuple[int, list[str]] | None = None
         self._round_opened = time.monotonic()
-        self.chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes, parts=StoredParts(self.store))
+        # Completed uploads are not joined in memory: they are read back from disk (update_stream.py).
+        self.chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes, parts=StoredParts(self.store),
+                                  assemble=False)
         self._restore()
 
     # ------------------------------------------------------------------ persistence
@@ -331,14 +333,22 @@ class Aggregator:
     def _fold(self, done: Completed) -> None:
         """Verify a whole update and fold it into the running sum (one transaction)."""
         st, env = self.state, done.envelope
-        update: wire.Update = wire.decode_body(done.kind, done.body)
-        nbytes = len(done.body)
-        del done  # the caller's reference goes too (see _on_update_chunk): one copy of the update at a time
+        nbytes, parts = done.size, done.parts
+        del done
+        limit = self.cfg.max_update_bytes
+        streamed = not self.sum.quantized
+        if streamed:  # CKKS: validated, then folded ciphertext by ciphertext straight off disk
+            update, count = update_stream.read_update(parts, limit)
+        else:  # quantized updates are small (a few bytes per parameter): decoded whole
+            update = wire.decode_body("update", b"".join(parts()))
         plain = self._check_layout(st, update)
         t0 = time.perf_counter()
         try:
-            self.sum.fold(update, plain, consume=True)
-        except he.HEError:
+            if streamed:
+                self.sum.fold_stream(update, count, update_stream.iter_ciphertexts(parts, limit), plain)
+            else:
+                self.sum.fold(update, plain, consume=True)
+        except (he.HEError, wire.WireError):
             if self.sum.corrupt:  # half-added: back to the sum as last committed
                 saved = self.store.load()
                 self.sum = RoundSum.from_bytes(saved[2], ckks=self.ctx, bfv=self.bfv_ctx) if saved and saved[2] \

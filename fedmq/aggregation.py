@@ -43,37 +43,56 @@ class RoundSum:
             self.codes = codes if self.codes is None else [a + c for a, c in zip(self.codes, codes)]
             self.code_widths = list(update.code_widths)
         else:
-            if plain is None:
-                plain = np.frombuffer(update.plain, dtype=np.dtype(update.plain_dtype).newbyteorder("<"))
-            weighted = plain.astype(np.float64) * update.num_samples
-            self.plain = weighted if self.plain is None else self.plain + weighted
+            self._fold_plain(update, plain)
         self.n_params, self.n_encrypted = update.n_params, update.n_encrypted
         self.n_ciphertexts = len(update.ciphertexts)
 
-    def _fold_ckks(self, update: wire.Update, consume: bool) -> None:
+    def _fold_plain(self, update: wire.Update, plain: np.ndarray | None) -> None:
+        if plain is None:
+            plain = np.frombuffer(update.plain, dtype=np.dtype(update.plain_dtype).newbyteorder("<"))
+        weighted = plain.astype(np.float64) * update.num_samples
+        self.plain = weighted if self.plain is None else self.plain + weighted
+
+    def fold_stream(self, update: wire.Update, count: int, ciphertexts, plain: np.ndarray | None = None) -> None:
+        """Fold a CKKS update whose ``count`` ciphertexts arrive one by one from an
+        iterator (``update`` carries every other field). Same guarantees as ``fold``:
+        a failure half-way sets ``corrupt``."""
+        if self.quantized:
+            raise ValueError("streamed folding is for CKKS updates")
+        self._fold_ckks(update, consume=False, blobs=ciphertexts, count=count)
+        self._fold_plain(update, plain)
+        self.n_params, self.n_encrypted, self.n_ciphertexts = update.n_params, update.n_encrypted, count
+
+    def _fold_ckks(self, update: wire.Update, consume: bool, blobs=None, count: int | None = None) -> None:
         """One ciphertext at a time, each serialized blob dropped once added: the peak is
         the sum plus one update's bytes, not the sum plus the whole update loaded.
         A ciphertext failing half-way leaves the sum partly added: the caller must
         then restore the sum from its last committed copy (``corrupt`` says so)."""
-        blobs = update.ciphertexts
-        he.check_count(self.ckks, blobs, update.n_encrypted)
-        if self.acc is not None and len(self.acc) != len(blobs):
-            raise he.HEError(f"update has {len(blobs)} ciphertexts, sum has {len(self.acc)}")
+        if blobs is None:
+            blobs, count = update.ciphertexts, len(update.ciphertexts)
+        he.check_count(self.ckks, [None] * count, update.n_encrypted)
+        if self.acc is not None and len(self.acc) != count:
+            raise he.HEError(f"update has {count} ciphertexts, sum has {len(self.acc)}")
         fresh = self.acc is None
         acc = [] if fresh else self.acc
-        for i in range(len(blobs)):
-            try:
-                vec = he.load_ciphertext(self.ckks, blobs[i], i, update.n_encrypted)
-            except he.HEError:
-                if not fresh and i > 0:
-                    self.corrupt = True
-                raise
-            if consume:
-                blobs[i] = b""
-            if fresh:
-                acc.append(vec)
-            else:
-                acc[i] += vec
+        i = seen = 0
+        try:
+            for i, blob in enumerate(blobs):
+                vec = he.load_ciphertext(self.ckks, blob, i, update.n_encrypted)
+                if consume:
+                    update.ciphertexts[i] = b""
+                if fresh:
+                    acc.append(vec)
+                else:
+                    acc[i] += vec
+                seen = i + 1
+                del blob, vec
+            if seen != count:
+                raise wire.WireError(f"update stream ended after {seen} of {count} ciphertexts")
+        except (he.HEError, wire.WireError):
+            if not fresh and seen > 0:
+                self.corrupt = True
+            raise
         self.acc = acc
 
     def result(self, participants: list[str], total_weight: int, **extra) -> wire.Result:

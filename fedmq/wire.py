@@ -367,6 +367,11 @@ def decode_body(kind: str, body: bytes) -> Any:
         raise WireError(f"malformed {kind} body: {type(exc).__name__}: {exc}") from None
     if not isinstance(raw, dict):
         raise WireError(f"{kind} body is a {type(raw).__name__}, expected a map")
+    return validate_body(kind, raw)
+
+
+def validate_body(kind: str, raw: dict) -> Any:
+    """Check a decoded body against its schema; WireError says which field and why."""
     try:
         return _ADAPTERS[kind].validate_python(raw)
     except ValidationError as exc:
