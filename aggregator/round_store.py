@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS open_round (id INTEGER PRIMARY KEY CHECK (id = 1), st
                                        layout TEXT NOT NULL, sum BLOB);
 CREATE TABLE IF NOT EXISTS chunks (round INTEGER, sender TEXT, digest BLOB, seq INTEGER, envelope BLOB,
                                    PRIMARY KEY (round, sender, digest, seq));
+CREATE TABLE IF NOT EXISTS sum_ciphertexts (i INTEGER PRIMARY KEY, blob BLOB NOT NULL);
 """
 
 
@@ -43,6 +44,7 @@ class RoundStore:
     def open(self, st: RoundState) -> None:
         with self._tx():
             self.db.execute("DELETE FROM chunks")
+            self.db.execute("DELETE FROM sum_ciphertexts")
             self.db.execute("INSERT OR REPLACE INTO open_round VALUES (1, ?, ?, NULL)", (_dump(st), "{}"))
 
     def add_chunk(self, env: Envelope, raw: bytes) -> None:
@@ -67,17 +69,24 @@ class RoundStore:
         with self._tx():
             self.db.execute("DELETE FROM chunks WHERE round = ? AND sender = ? AND digest = ?", (rnd, sender, digest))
 
+    def sum_ciphertexts(self) -> list[bytes]:
+        return [b for (b,) in self.db.execute("SELECT blob FROM sum_ciphertexts ORDER BY i")]
+
     def chunk_envelopes(self) -> Iterator[Envelope]:
         """Chunks of unfinished uploads, one at a time (a restart re-reads them)."""
         for (raw,) in self.db.execute("SELECT envelope FROM chunks ORDER BY sender, digest, seq"):
             yield decode_envelope(raw, max_bytes=len(raw))
 
-    def fold(self, st: RoundState, layout: dict, total: bytes) -> None:
-        """The sum after folding an update, the agent's recorded weight, and the
-        deletion of its chunks: one transaction."""
+    def fold(self, st: RoundState, layout: dict, meta: bytes, ciphertexts: Iterable[bytes]) -> None:
+        """The sum after folding an update (its metadata, and its ciphertexts a row
+        each), the agent's recorded weight, and the deletion of its chunks: one
+        transaction."""
         with self._tx():
             self.db.execute("UPDATE open_round SET state = ?, layout = ?, sum = ? WHERE id = 1",
-                            (_dump(st), json.dumps(layout), total))
+                            (_dump(st), json.dumps(layout), meta))
+            self.db.execute("DELETE FROM sum_ciphertexts")
+            for i, blob in enumerate(ciphertexts):
+                self.db.execute("INSERT INTO sum_ciphertexts VALUES (?, ?)", (i, blob))
             for agent in st.weights:
                 self.db.execute("DELETE FROM chunks WHERE sender = ?", (agent,))
 
@@ -88,6 +97,7 @@ class RoundStore:
     def close(self) -> None:
         with self._tx():
             self.db.execute("DELETE FROM open_round")
+            self.db.execute("DELETE FROM sum_ciphertexts")
             self.db.execute("DELETE FROM chunks")
 
     def load(self) -> tuple[RoundState, dict, bytes | None] | None:

@@ -188,7 +188,7 @@ class Aggregator:
         self.n_encrypted = layout.get("n_encrypted")
         self.code_layout = [tuple(x) for x in layout["code_layout"]] if layout.get("code_layout") else None
         quantized = self.protection.scheme != "ckks" and st.purpose == "train"
-        self.sum = RoundSum.from_bytes(blob, ckks=self.ctx, bfv=self.bfv_ctx) if blob else \
+        self.sum = self._stored_sum(blob) if blob else \
             RoundSum(quantized=quantized, ckks=self.ctx, bfv=self.bfv_ctx)
         self.bytes_received, self.agg_s = 0, 0.0
         restored = 0
@@ -226,6 +226,9 @@ class Aggregator:
             return online
         rng = np.random.default_rng([self.cfg.selection_seed, rnd])
         return sorted(rng.choice(online, size=want, replace=False).tolist())
+
+    def _stored_sum(self, meta: bytes) -> RoundSum:
+        return RoundSum.from_stored(meta, self.store.sum_ciphertexts(), ckks=self.ctx, bfv=self.bfv_ctx)
 
     def _roll_call(self) -> None:
         """Ask agents to announce themselves: a status we could not get retained
@@ -351,13 +354,13 @@ class Aggregator:
         except (he.HEError, wire.WireError):
             if self.sum.corrupt:  # half-added: back to the sum as last committed
                 saved = self.store.load()
-                self.sum = RoundSum.from_bytes(saved[2], ckks=self.ctx, bfv=self.bfv_ctx) if saved and saved[2] \
+                self.sum = self._stored_sum(saved[2]) if saved and saved[2] \
                     else RoundSum(quantized=self.sum.quantized, ckks=self.ctx, bfv=self.bfv_ctx)
             raise
         st.record(env.sender, update.num_samples, time.time())
         self.code_layout = [(len(c) // w, w) for c, w in zip(update.codes, update.code_widths)]
         self.store.fold(st, {"n_encrypted": update.n_encrypted, "code_layout": self.code_layout},
-                        self.sum.to_bytes())
+                        self.sum.meta_bytes(), self.sum.serialized_ciphertexts())
         self.agg_s += time.perf_counter() - t0
         self.n_params, self.n_encrypted = update.n_params, update.n_encrypted
         if st.purpose == "train" and self.mask_digest is None and update.mask_digest is not None:

@@ -106,36 +106,29 @@ class RoundSum:
                            n_encrypted=self.n_encrypted, ciphertexts=he.serialize_all(self.acc or []),
                            plain_avg=plain_avg, code_sums=sums, code_sum_widths=widths, **extra)
 
-    def to_bytes(self) -> bytes:
-        """The whole running sum, for crash-safe persistence. Packed field by field and
-        ciphertext by ciphertext into one buffer (the same bytes as ``msgpack.packb`` of
-        the map), so persisting costs one serialized copy of the sum, not two."""
-        packer = msgpack.Packer(use_bin_type=True)
-        fields = {
+    def meta_bytes(self) -> bytes:
+        """Everything of the sum but its ciphertexts, for crash-safe persistence; the
+        ciphertexts are stored one row each (``serialized_ciphertexts``), so persisting
+        never builds one buffer the size of the sum."""
+        return msgpack.packb({
             "quantized": self.quantized, "acc": None,
             "plain": None if self.plain is None else self.plain.astype("<f8").tobytes(),
             "codes": [c.astype("<i8").tobytes() for c in self.codes or []], "code_widths": self.code_widths,
             "n_params": self.n_params, "n_encrypted": self.n_encrypted, "n_ciphertexts": self.n_ciphertexts,
-        }
-        out = bytearray(packer.pack_map_header(len(fields)))
-        for key, value in fields.items():
-            out += packer.pack(key)
-            if key == "acc":
-                out += packer.pack_array_header(len(self.acc or []))
-                for vec in self.acc or []:
-                    out += packer.pack(vec.serialize())
-            else:
-                out += packer.pack(value)
-        return bytes(out)
+        }, use_bin_type=True)
+
+    def serialized_ciphertexts(self):
+        for vec in self.acc or []:
+            yield vec.serialize()
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, ckks=None, bfv=None) -> "RoundSum":
-        raw = msgpack.unpackb(data, raw=False)
+    def from_stored(cls, meta: bytes, ciphertexts: list[bytes], *, ckks=None, bfv=None) -> RoundSum:
+        raw = msgpack.unpackb(meta, raw=False)
         out = cls(quantized=raw["quantized"], ckks=ckks, bfv=bfv)
         out.n_params, out.n_encrypted, out.n_ciphertexts = raw["n_params"], raw["n_encrypted"], raw["n_ciphertexts"]
-        if raw["acc"]:
-            out.acc = he.bfv_load(bfv, raw["acc"]) if out.quantized else \
-                he.load_ciphertexts(ckks, raw["acc"], out.n_encrypted)
+        blobs = raw["acc"] or ciphertexts  # stores written before ciphertexts had rows kept them in the map
+        if blobs:
+            out.acc = he.bfv_load(bfv, blobs) if out.quantized else he.load_ciphertexts(ckks, blobs, out.n_encrypted)
         if raw["plain"] is not None:
             out.plain = np.frombuffer(raw["plain"], dtype="<f8").copy()
         if raw["codes"]:

@@ -41,7 +41,7 @@ def test_update_whole_on_disk_but_not_folded_is_folded_after_restart(tmp_path):
     third.ctx = public
     assert third._resume()
     assert third.state.weights == {"agent-1": 40}
-    resumed = RoundSum.from_bytes(third.store.load()[2], ckks=public)
+    resumed = RoundSum.from_stored(third.store.load()[2], third.store.sum_ciphertexts(), ckks=public)
     assert np.abs(he.decrypt(secret, he.serialize_all(resumed.acc), weights.size) / 40 - weights).max() < 1e-6
     assert third.store.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 0
 
