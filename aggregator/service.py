@@ -330,14 +330,12 @@ class Aggregator:
         self.telemetry.add_upload(env.round, env.sender, self._inbound_bytes)
         self.metrics.update_bytes.inc(self._inbound_bytes)
         if done is not None:
-            pending, done = [done], None
-            self._fold(pending.pop())
+            self._fold(done)
 
     def _fold(self, done: Completed) -> None:
         """Verify a whole update and fold it into the running sum (one transaction)."""
         st, env = self.state, done.envelope
         nbytes, parts = done.size, done.parts
-        del done
         limit = self.cfg.max_update_bytes
         streamed = not self.sum.quantized
         if streamed:  # CKKS: validated, then folded ciphertext by ciphertext straight off disk
