@@ -30,13 +30,21 @@ from fedmq.private_files import ensure_private_dir, write_private
 from fedmq.sd_notify import Notifier
 from fedmq.signals import reload_event, stop_event
 
+from agent.kept_uploads import KeptUploads
+
 log = logging.getLogger("fedmq.agent")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_WAITING_BEFORE_KEYS = 64 * 1024 * 1024  # bytes of round traffic held until enrolled
+KEEP_STARTS = 16  # round starts remembered, to check results against
 
 
 class EnrollmentRefused(RuntimeError):
     pass
+
+
+class StateDirTaken(RuntimeError):
+    """The configured state directory belongs to another agent id."""
 
 
 class Agent:
@@ -58,6 +66,13 @@ class Agent:
         self._rng = np.random.default_rng()  # stochastic rounding
         self._x25519, self._x25519_public = new_keypair()
         self._pending_nonces: set[bytes] = set()
+        # Round traffic that arrives before our keys (a persistent session of a wiped
+        # device, retained starts): it waits here until enrollment is done.
+        self._before_keys: list[Inbound] = []
+        self.seen_starts: dict[int, wire.RoundStart] = {}  # round -> its start, as received
+        # A result whose start has not arrived yet (brokers may reorder retained
+        # messages across subscriptions): held, and handled when its start arrives.
+        self._early_results: dict[int, tuple[wire.Envelope, wire.Result, int]] = {}
         self.trainer = None
         self.models: dict[int, np.ndarray] = {}  # model version -> global weights
         self.latest_version = -1
@@ -65,9 +80,10 @@ class Agent:
         self.sensitivity: dict[int, np.ndarray] = {}  # sensitivity round -> decrypted aggregate map
         self.masks: dict[bytes, np.ndarray] = {}  # mask digest -> mask
         self.clipped: dict[int, int] = {}  # round -> values clipped to the quantization plan
-        # round -> (encoded update, chunk size), kept until the round's result: the
-        # aggregator may ask for chunks it lacks after its restart or our reconnect.
-        self.uploads: dict[int, tuple[tuple[str, bytes], int]] = {}
+        # Encoded updates kept on disk until the round's result: the aggregator may ask
+        # for chunks it lacks after its restart, our reconnect or our restart.
+        self.uploads = KeptUploads(Path(cfg.state_dir))
+        self._stop = threading.Event()
         self.handled_rounds: set[int] = set()
         self.clocks: dict[int, PhaseClock] = {}
         self.sent_bytes: dict[int, int] = {}
@@ -75,9 +91,10 @@ class Agent:
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, stop: threading.Event | None = None, reload: threading.Event | None = None) -> None:
-        stop = stop or threading.Event()
+        stop = self._stop = stop or threading.Event()
         s = self.session
         ensure_private_dir(Path(self.cfg.state_dir))
+        self._claim_state_dir()
         self._load_state()
         s.subscribe(topics.own_keys(self.task, self.id))
         s.connect()
@@ -92,6 +109,9 @@ class Agent:
         s.subscribe(topics.roll_call(self.task))
         self._announce_online()
         s.on_reconnect = self._announce_online
+        waiting, self._before_keys = self._before_keys, []
+        for msg in waiting:
+            self.dispatch(msg)
         log.info("%s online and waiting for rounds of task %s", self.id, self.task)
         self.notifier.ready(f"online; waiting for rounds of task {self.task}")
         self.notifier.start_watchdog(self._alive, stop)
@@ -145,7 +165,11 @@ class Agent:
                           retain=True)
 
     def stop(self) -> None:
-        """Clean shutdown: say offline ourselves (the last will covers crashes)."""
+        """Clean shutdown: say offline ourselves (the last will covers crashes). With
+        the broker away there is nobody to tell: the last will speaks for us."""
+        if not self.session.connected:
+            self.session.close()
+            return
         try:
             self.session.send(topics.agent_status(self.id), wire.AgentStatus(state="offline"),
                               task=self.task, rnd=0, retain=True).wait_for_publish(2)
@@ -194,6 +218,19 @@ class Agent:
         self._pending_nonces.clear()
         log.info("%s: enrolled; secret HE context received sealed", self.id)
 
+    def _claim_state_dir(self) -> None:
+        """A state directory holds one agent's keys and model: another agent id's is
+        refused (two agents sharing one would mix keys and models)."""
+        owner = Path(self.cfg.state_dir) / "agent_id"
+        if owner.exists():
+            who = owner.read_text().strip()
+            if who != self.id:
+                raise StateDirTaken(f"state_dir {self.cfg.state_dir} belongs to agent {who!r}, not {self.id!r}: "
+                                    f"give each agent its own state_dir (e.g. state/{self.id})"
+                                    + (f" in {self.config_path}" if self.config_path else ""))
+        else:
+            write_private(owner, f"{self.id}\n".encode())
+
     @property
     def _keys_file(self) -> Path:
         return Path(self.cfg.state_dir) / "keys.bin"
@@ -207,7 +244,9 @@ class Agent:
     def ctx(self):
         """The secret CKKS context, built when a round first needs it: the HE library
         costs ~20 MB, which an idle agent on a Pi should not pay."""
-        if self._ctx is None and self._keys is not None:
+        if self._keys is None:
+            raise he.HEError("no keys yet: enrollment has not completed")
+        if self._ctx is None:
             ctx = he.load_context(self._keys.ckks, n_threads=self.cfg.he_threads)
             if not ctx.is_private():
                 raise he.HEError("the granted context holds no secret key; delete the state dir and re-enroll")
@@ -239,6 +278,11 @@ class Agent:
                 log.info("%s: resuming from global model version %d", self.id, version)
             except (OSError, ValueError, KeyError) as exc:
                 log.warning("%s: stored model unusable (%s); starting fresh", self.id, exc)
+        kept = self.uploads.rounds()
+        if kept:
+            # Not trained again: the aggregator asks for what it lacks once we are online.
+            self.handled_rounds.update(kept)
+            log.info("%s: kept upload(s) of round(s) %s found on disk", self.id, kept)
 
     # ------------------------------------------------------------------ inbound
     def dispatch(self, msg: Inbound, raise_refusal: bool = False) -> None:
@@ -246,6 +290,14 @@ class Agent:
             if msg.payload == b"":
                 return  # a retained message being cleared
             info = topics.parse(msg.topic)
+            if self._keys is None and info.family != "key":
+                waiting = sum(len(m.payload) for m in self._before_keys)
+                if waiting + len(msg.payload) <= MAX_WAITING_BEFORE_KEYS:
+                    self._before_keys.append(msg)  # handled once enrolled
+                else:
+                    log.warning("%s dropped %s: %d bytes of messages already wait for enrollment", self.id,
+                                msg.topic, waiting)
+                return
             env = wire.decode_envelope(msg.payload, max_bytes=MAX_MESSAGE_BYTES)
             wire.check_against_topic(env, info, task=self.task)
             if info.family == "key":
@@ -269,10 +321,25 @@ class Agent:
                 raise wire.WireError(f"agent does not consume {info.family} messages")
         except (ValueError, he.HEError) as exc:
             log.warning("%s rejected %s: %s", self.id, msg.topic, exc)
+        except EnrollmentRefused:
+            raise
+        except Exception:  # a daemon under Restart=on-failure must not crash-loop on one message
+            log.exception("%s: internal error handling %s; message dropped", self.id, msg.topic)
 
     def _on_round_start(self, env: wire.Envelope) -> None:
         start: wire.RoundStart = wire.decode_body(env.kind, env.body)
         rnd = env.round
+        self.seen_starts[rnd] = start
+        for old in sorted(self.seen_starts)[:-KEEP_STARTS]:
+            del self.seen_starts[old]
+        try:
+            self._handle_start(rnd, start)
+        finally:
+            early = self._early_results.pop(rnd, None)
+            if early is not None:
+                self._on_result(*early)
+
+    def _handle_start(self, rnd: int, start: wire.RoundStart) -> None:
         if rnd in self.handled_rounds or rnd <= self.latest_version:
             return  # a retained start we have already dealt with
         if self.id not in start.selected:
@@ -346,7 +413,36 @@ class Agent:
             return
         self._clock(env.round).end("download")
         result: wire.Result = wire.decode_body(done.kind, done.body)
+        if env.round not in self.seen_starts:
+            # Only a round we saw start can have a result; its start may still be on its way.
+            log.info("%s: holding the round-%d result until that round's start arrives", self.id, env.round)
+            self._early_results[env.round] = (env, result, len(done.body))
+            for old in sorted(self._early_results)[:-2]:
+                del self._early_results[old]
+            return
+        self._on_result(env, result, len(done.body))
+
+    def _check_result(self, rnd: int, result: wire.Result) -> None:
+        """A result must fit the round it claims: same purpose, the scheme and base
+        model the round started with (WireError otherwise)."""
+        start = self.seen_starts[rnd]
+        if result.purpose != start.purpose:
+            raise wire.WireError(f"round {rnd} started as {start.purpose!r}, its result says {result.purpose!r}")
+        scheme = start.protection.scheme if start.purpose == "train" else "ckks"
+        if result.scheme != scheme:
+            raise wire.WireError(f"round {rnd} uses scheme {scheme!r}, its result says {result.scheme!r}")
+        if result.base_version != start.model_version:
+            raise wire.WireError(f"round {rnd} trained from model {start.model_version}, its result says "
+                                 f"{result.base_version}")
+        if result.scheme != "ckks" and result.base_version != 0 and result.base_version not in self.models:
+            raise wire.WireError(f"round {rnd}'s quantized result adds to model version {result.base_version}, "
+                                 "which this agent does not hold (it missed that round); skipping it")
+
+    def _on_result(self, env: wire.Envelope, result: wire.Result, received: int) -> None:
         rnd = env.round
+        if rnd <= self.latest_version or rnd in self.sensitivity:
+            return
+        self._check_result(rnd, result)
         clock = self._clock(rnd)
         trainer = self._trainer()
         accuracy = None
@@ -357,6 +453,8 @@ class Agent:
                                                        self._base_weights(result.base_version))
             else:
                 weights = protection.rebuild_ckks(self.ctx, result, mask)
+        if not np.isfinite(weights).all():
+            raise wire.WireError(f"round {rnd}'s result decrypts to NaN or infinity; not adopted")
         if result.purpose == "sensitivity":
             self.sensitivity[rnd] = weights
             log.info("%s: aggregated sensitivity map of round %d decrypted (%d agents)",
@@ -365,10 +463,9 @@ class Agent:
             with clock.phase("evaluate"):
                 accuracy = trainer.evaluate(weights)
             self._adopt(rnd, weights, accuracy, result)
-        self._publish_telemetry(rnd, clock, accuracy, len(done.body))
+        self._publish_telemetry(rnd, clock, accuracy, received)
         self._settle_upload(rnd, result.participants, "aggregated", f"{len(result.participants)} agents made it")
-        for old in [r for r in self.uploads if r < rnd]:
-            del self.uploads[old]
+        self.uploads.drop_before(rnd)
         for old in [r for r in self.clocks if r < rnd]:
             self.clocks.pop(old).close()
         self.chunks.discard(keep=lambda key: key[0] != "result" or key[1] >= rnd)
@@ -395,7 +492,7 @@ class Agent:
 
     def _settle_upload(self, rnd: int, participants: list[str], status: str, reason: str) -> None:
         """The round is over: forget the kept upload, and say so if it did not count."""
-        if self.uploads.pop(rnd, None) is not None and self.id not in participants:
+        if self.uploads.drop(rnd) and self.id not in participants:
             log.warning("%s: round %d %s without my update (%s); it contributes nothing", self.id, rnd, status,
                         reason)
 
@@ -407,10 +504,14 @@ class Agent:
                      env.round)
             return
         encoded, chunk_size = kept
-        only = set(req.missing) or None
-        sent, chunks = self.session.send_stream(
-            lambda seq: topics.update_chunk(self.task, env.round, self.id, seq), None, task=self.task,
-            rnd=env.round, chunk_size=chunk_size, encoded=encoded, only=only)
+        only = req.chunks() or None
+        try:
+            sent, chunks = self.session.send_stream(
+                lambda seq: topics.update_chunk(self.task, env.round, self.id, seq), None, task=self.task,
+                rnd=env.round, chunk_size=chunk_size, encoded=encoded, only=only, abort=self._stop)
+        except BrokerError as exc:
+            log.warning("%s: resending round %d interrupted (%s); still kept", self.id, env.round, exc)
+            return
         log.info("%s: resent %d chunk(s) (%d bytes) of round %d at the aggregator's request", self.id, chunks, sent,
                  env.round)
 
@@ -507,12 +608,13 @@ class Agent:
     def _upload(self, rnd: int, clock: PhaseClock, update: wire.Update) -> None:
         with clock.phase("serialize"):
             encoded = wire.encode_body(update)
-        self.uploads[rnd] = (encoded, self.cfg.chunk_size)
+            self.uploads.put(rnd, encoded[1], self.cfg.chunk_size)
         with clock.phase("upload"):
             try:
                 sent, _ = self.session.send_stream(
                     lambda seq: topics.update_chunk(self.task, rnd, self.id, seq), None, task=self.task, rnd=rnd,
-                    chunk_size=self.cfg.chunk_size, delay_s=self.cfg.faults.chunk_delay_s, encoded=encoded)
+                    chunk_size=self.cfg.chunk_size, delay_s=self.cfg.faults.chunk_delay_s, encoded=encoded,
+                    abort=self._stop)
             except BrokerError as exc:
                 # The update is kept: once we are back, the aggregator asks for what it lacks.
                 log.warning("%s: round %d upload interrupted (%s); kept for resumption", self.id, rnd, exc)
@@ -543,7 +645,7 @@ def run(cfg: AgentConfig, config_path: Path | None = None) -> int:
     agent = Agent(cfgmod.apply_profile(cfg), config_path=config_path)
     try:
         agent.run(stop, reload)
-    except EnrollmentRefused as exc:
+    except (EnrollmentRefused, StateDirTaken) as exc:
         log.error("%s", exc)
         agent.session.close()
         return 2

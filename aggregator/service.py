@@ -32,6 +32,7 @@ from aggregator.round_store import RoundStore, StoredParts
 
 log = logging.getLogger("fedmq.aggregator")
 MAX_CONTEXT_CHUNKS = 64  # of the key authority's chunk size: 16 MiB at 256 KiB
+MIN_CHUNK_BYTES = 1024  # an agent's smallest chunk_size
 
 
 class Aggregator:
@@ -73,7 +74,7 @@ class Aggregator:
         self._round_opened = time.monotonic()
         # Completed uploads are not joined in memory: they are read back from disk (update_stream.py).
         self.chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes, parts=StoredParts(self.store),
-                                  assemble=False)
+                                  assemble=False, min_chunk=MIN_CHUNK_BYTES)
         self._restore()
 
     # ------------------------------------------------------------------ persistence
@@ -239,7 +240,7 @@ class Aggregator:
     def _ask_for_missing(self, agent: str) -> None:
         st = self.state
         missing = self.chunks.missing("update", st.round, agent) or []
-        self.session.send(topics.resend(self.task, st.round, agent), wire.ResendRequest(missing=missing),
+        self.session.send(topics.resend(self.task, st.round, agent), wire.ResendRequest.of(missing),
                           task=self.task, rnd=st.round)
         log.info("asked %s for %s of its round-%d upload", agent,
                  f"{len(missing)} missing chunk(s)" if missing else "all", st.round)
@@ -311,8 +312,11 @@ class Aggregator:
             if self.state:
                 self.state.mark_online(env.sender)
                 st = self.state
-                if back and not st.closed and env.sender in st.selected and env.sender not in st.weights:
-                    self._ask_for_missing(env.sender)  # it reconnected mid-round: resume its upload
+                in_progress = self.chunks.missing("update", st.round, env.sender) is not None
+                if (back or in_progress) and not st.closed and env.sender in st.selected \
+                        and env.sender not in st.weights:
+                    # It reconnected (or restarted: then no last will reached us) mid-round: resume its upload.
+                    self._ask_for_missing(env.sender)
         else:
             self.online.discard(env.sender)
             self.gone.add(env.sender)
@@ -342,6 +346,9 @@ class Aggregator:
             update, count = update_stream.read_update(parts, limit)
         else:  # quantized updates are small (a few bytes per parameter): decoded whole
             update = wire.decode_body("update", b"".join(parts()))
+        if update.num_samples > self.cfg.max_samples_per_agent:
+            raise Rejected(f"{env.sender} declares {update.num_samples} samples, over the "
+                           f"max_samples_per_agent bound of {self.cfg.max_samples_per_agent}")
         plain = self._check_layout(st, update)
         t0 = time.perf_counter()
         try:
@@ -464,19 +471,26 @@ class Aggregator:
         dropped_partials = self.chunks.discard(keep=lambda key: key[1] > st.round)
         participants = sorted(st.weights)
         chunks = 0
+        result = None
         if decision.outcome is Outcome.AGGREGATE:
             t0 = time.perf_counter()
-            result = self.sum.result(participants, st.total_weight, purpose=st.purpose,
-                                     mask_digest=self.mask_digest if st.purpose == "train" else None,
-                                     base_version=st.model_version,
-                                     scheme=self.protection.scheme if st.purpose == "train" else "ckks")
+            try:
+                result = self.sum.result(participants, st.total_weight, purpose=st.purpose,
+                                         mask_digest=self.mask_digest if st.purpose == "train" else None,
+                                         base_version=st.model_version,
+                                         scheme=self.protection.scheme if st.purpose == "train" else "ckks")
+            except (ValueError, OverflowError, he.HEError) as exc:
+                # Never raise on the close path: a restart would close the same round and die again.
+                log.error("round %d: cannot build its result (%s); aborting the round", st.round, exc)
+                decision = Decision(Outcome.ABORT, f"result could not be built: {exc}")
             self.agg_s += time.perf_counter() - t0
+        if result is not None:
             _, chunks = self.session.send_stream(lambda seq: topics.round_result(self.task, st.round, seq), result,
                                      task=self.task, rnd=st.round, chunk_size=self.cfg.chunk_size, retain=True)
             if st.purpose == "train":
                 self.model_version = st.round
         closed = wire.RoundClosed(status=decision.outcome.value, participants=participants, dropped=st.dropped,
-                                  reason=decision.reason, total_weight=st.total_weight,
+                                  reason=decision.reason, total_weight=min(st.total_weight, 1 << 62),
                                   bytes_received=self.bytes_received, agg_s=self.agg_s)
         self.session.send(topics.round_closed(self.task, st.round), closed, task=self.task, rnd=st.round,
                           retain=True)

@@ -113,10 +113,14 @@ class Reassembler:
     """
 
     def __init__(self, *, max_stream_bytes: int, max_streams: int = 10_000,
-                 parts: PartStore | None = None, assemble: bool = True) -> None:
+                 parts: PartStore | None = None, assemble: bool = True, min_chunk: int = 1) -> None:
         """``assemble=False``: a completed stream is checked against its digest chunk by
-        chunk and handed out as ``Completed.parts`` instead of one joined body."""
+        chunk and handed out as ``Completed.parts`` instead of one joined body.
+        ``min_chunk``: every chunk but the last carries at least this many bytes, so a
+        stream's ``total`` is bounded by ``max_stream_bytes / min_chunk`` — a 1-byte
+        chunk cannot announce a million-chunk stream."""
         self.assemble = assemble
+        self.min_chunk = min_chunk
         self.max_stream_bytes = max_stream_bytes
         self.max_streams = max_streams
         self.parts: PartStore = parts if parts is not None else MemoryParts()
@@ -133,6 +137,15 @@ class Reassembler:
         key: StreamKey = (env.kind, env.round, env.sender)
         if self._done.get(key) == env.digest:
             raise WireError(f"duplicate chunk {env.seq}/{env.total}: stream already complete")
+        if env.seq < env.total - 1:
+            if len(env.body) < self.min_chunk:
+                raise WireError(f"chunk {env.seq}/{env.total} carries {len(env.body)} bytes; every chunk but "
+                                f"the last carries at least {self.min_chunk}")
+            if (env.total - 1) * len(env.body) > self.max_stream_bytes:
+                raise WireError(f"{env.total} chunks of {len(env.body)} bytes exceed the "
+                                f"{self.max_stream_bytes}-byte limit on a stream")
+        elif (env.total - 1) * self.min_chunk > self.max_stream_bytes:
+            raise WireError(f"a stream of {env.total} chunks exceeds the {self.max_stream_bytes}-byte limit")
         skey = (key, env.digest)
         stream = self._streams.get(skey)
         if stream is None:

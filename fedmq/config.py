@@ -157,6 +157,9 @@ class AggregatorConfig(_Section):
     # Selective Parameter Encryption: p (0 plaintext .. 1 full), mode sensitivity|random,
     # include_first_last, seed (random mode), plain_dtype float32|float16.
     protection: Protection = Protection()
+    # An update declaring more samples is rejected: one agent must not outweigh the
+    # fleet (nor overflow the summed weight).
+    max_samples_per_agent: Annotated[int, Field(ge=1, le=1 << 40)] = 1_000_000
     max_message_bytes: Annotated[int, Field(ge=2 * KiB)] = 1024 * KiB
     max_update_bytes: Annotated[int, Field(ge=1 * KiB)] = 2 * 1024 * 1024 * KiB
 

@@ -189,6 +189,8 @@ class MqttSession:
     def close(self, flush_s: float = 5.0) -> None:
         """Disconnect after the broker acknowledged what we published (bounded wait),
         so a role's last words — a round's close, an offline status — are not lost."""
+        if not self.connected:
+            flush_s = 0.0  # the broker is away: waiting would only delay a stop (systemd kills at 30 s)
         deadline = time.monotonic() + flush_s
         for info in self._unacked:
             # Includes publishes made while the broker was away: they go out when paho
@@ -281,12 +283,15 @@ class MqttSession:
 
     def send_stream(self, topic_of, msg: object, *, task: str, rnd: int, chunk_size: int,
                     retain: bool = False, delay_s: float = 0.0, timeout_s: float = 300.0,
-                    encoded: tuple[str, bytes] | None = None, only: set[int] | None = None) -> tuple[int, int]:
+                    encoded: tuple[str, bytes] | None = None, only: set[int] | None = None,
+                    abort: threading.Event | None = None) -> tuple[int, int]:
         """Publish a (possibly large) body as chunks on ``topic_of(seq)`` and wait for
         the broker's PUBACKs; returns (bytes published, number of chunks). Raises BrokerError if the
         broker does not acknowledge (e.g. it dropped us for an oversize packet).
         ``encoded`` passes a body already serialized by ``wire.encode_body``; ``only``
-        restricts publishing to those chunk numbers (a resumed upload)."""
+        restricts publishing to those chunk numbers (a resumed upload); ``abort`` (the
+        role's stop event) ends the wait for acknowledgements at once with BrokerError —
+        SIGTERM must not wait for a broker that is down."""
         kind, body = encoded or wire.encode_body(msg)
         sent, infos = 0, []
         for env in split(kind, task, rnd, self.client_id, body, chunk_size):
@@ -297,11 +302,15 @@ class MqttSession:
             sent += len(payload)
             if delay_s:
                 time.sleep(delay_s)
+            if abort is not None and abort.is_set():
+                raise BrokerError("stopped while publishing")
         deadline = time.monotonic() + timeout_s
         for info in infos:
-            remaining = deadline - time.monotonic()
             try:
-                info.wait_for_publish(max(remaining, 0.01))
+                while not info.is_published() and time.monotonic() < deadline:
+                    if abort is not None and abort.is_set():
+                        raise BrokerError("stopped while waiting for the broker's acknowledgements")
+                    info.wait_for_publish(min(0.2, max(deadline - time.monotonic(), 0.01)))
             except (RuntimeError, ValueError) as exc:
                 raise BrokerError(f"chunk not accepted by the broker: {exc}") from None
             if not info.is_published():

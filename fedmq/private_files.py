@@ -8,8 +8,12 @@ from pathlib import Path
 
 
 def ensure_private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    """Create ``path`` owner-only. An existing directory keeps its mode: a
+    ``state_dir`` of ``.`` or ``/var/lib`` is somebody else's to set, and every
+    secret inside it is written 0600 on its own."""
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700)
+        os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
     return path
 
 

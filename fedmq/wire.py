@@ -242,12 +242,44 @@ class Result:
         dataclasses.field(default_factory=list)
 
 
+ChunkIndex = Annotated[int, Strict(), Field(ge=0, le=MAX_CHUNKS)]
+MAX_RESEND_RANGES = 256
+
+
 @message(config=_STRICT)
 class ResendRequest:
     """The aggregator lacks (part of) an agent's upload for an open round: after its
-    own restart, or after the agent reconnected. ``missing`` empty means all chunks."""
+    own restart, or after the agent reconnected. ``ranges`` are half-open chunk
+    ranges ``[start, end)``; empty means all chunks. Ranges, never a list: a
+    request for a million chunks must still fit one small packet (a broker drops a
+    client whose packet exceeds its max_packet_size)."""
 
-    missing: _list(Annotated[int, Strict(), Field(ge=0, le=MAX_CHUNKS)], max_length=MAX_CHUNKS)
+    ranges: _list(Annotated[list[ChunkIndex], Strict(), Field(min_length=2, max_length=2)],
+                  max_length=MAX_RESEND_RANGES)
+
+    @classmethod
+    def of(cls, missing: list[int]) -> "ResendRequest":
+        """The request for these chunk numbers: the first MAX_RESEND_RANGES runs (the
+        rest is asked for again once those arrive)."""
+        ranges: list[list[int]] = []
+        for i in sorted(set(missing)):
+            if ranges and ranges[-1][1] == i:
+                ranges[-1][1] = i + 1
+            elif len(ranges) < MAX_RESEND_RANGES:
+                ranges.append([i, i + 1])
+            else:
+                break
+        return cls(ranges=ranges)
+
+    def chunks(self) -> set[int]:
+        """The chunk numbers asked for (overlapping ranges merged first, so a hostile
+        request costs at most MAX_CHUNKS numbers)."""
+        wanted: set[int] = set()
+        done = 0
+        for a, b in sorted(self.ranges):
+            wanted.update(range(max(a, done), b))
+            done = max(done, b)
+        return wanted
 
 
 @message(config=_STRICT)

@@ -62,9 +62,15 @@ def test_forged_stream_cannot_evict_genuine_upload():
 def test_oversize_stream_and_inconsistent_total():
     _, chunks = _chunks(size=500)
     r = Reassembler(max_stream_bytes=800)
+    # The announced total already exceeds the limit: refused at the first chunk.
+    with pytest.raises(WireError, match="exceed"):
+        r.add(chunks[0])
+    last = chunks[-1]
+    r = Reassembler(max_stream_bytes=1200)  # 3 x 500 announced fits only by the last chunk's size
     r.add(chunks[0])
+    r.add(chunks[1])
     with pytest.raises(WireError, match="exceeds"):
-        r.add(chunks[1])
+        r.add(dataclasses.replace(last, body=last.body + b"x" * 300))
     r = Reassembler(max_stream_bytes=10_000)
     r.add(chunks[0])
     with pytest.raises(WireError, match="total"):
@@ -83,3 +89,17 @@ def test_empty_body_is_one_chunk():
     chunks = split("status", "t", 0, "a", b"", 10)
     assert len(chunks) == 1
     assert Reassembler(max_stream_bytes=10).add(chunks[0]).body == b""
+
+
+def test_tiny_chunk_cannot_announce_a_huge_stream():
+    """Issue 14.4: a 1-byte chunk claiming total = 2^20 is refused, and so is any
+    total whose chunks could not fit the stream limit."""
+    r = Reassembler(max_stream_bytes=1 << 20, min_chunk=1024)
+    env = _chunks(size=1)[1][0]
+    with pytest.raises(WireError, match="at least 1024"):
+        r.add(dataclasses.replace(env, total=1 << 20))
+    with pytest.raises(WireError, match="exceed"):
+        r.add(dataclasses.replace(env, body=b"x" * 2048, total=1 << 20))
+    with pytest.raises(WireError, match="exceeds"):  # the last chunk of an impossible stream
+        r.add(dataclasses.replace(env, seq=(1 << 20) - 1, total=1 << 20))
+    assert r.pending() == []
