@@ -12,7 +12,7 @@ import logging
 import re
 from pathlib import Path
 
-from fedmq.private_files import ensure_private_dir, write_private
+from fedmq.runtime.private_files import ensure_private_dir, write_private
 
 log = logging.getLogger("fedmq.agent")
 _NAME = re.compile(r"^round-(\d+)\.cs(\d+)\.update$")

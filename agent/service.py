@@ -18,17 +18,18 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from fedmq import he, masking, protection, topics, wire
-from fedmq.chunking import Reassembler, single
-from fedmq import config as cfgmod
-from fedmq.config import AgentConfig
-from fedmq.mqtt_session import BrokerError, Inbound, MqttSession
-from fedmq.quantization import QuantPlan
-from fedmq.sealing import SealedBox, agent_box_info, enrollment_proof, new_keypair, open_box
-from fedmq.telemetry import PhaseClock
-from fedmq.private_files import ensure_private_dir, write_private
-from fedmq.sd_notify import Notifier
-from fedmq.signals import reload_event, stop_event
+from fedmq.privacy import he, masking, protection
+from fedmq.protocol import topics, wire
+from fedmq.protocol.chunking import Reassembler, single
+from fedmq.runtime import config as cfgmod
+from fedmq.runtime.config import AgentConfig
+from fedmq.runtime.mqtt_session import BrokerError, Inbound, MqttSession
+from fedmq.privacy.quantization import QuantPlan
+from fedmq.privacy.sealing import SealedBox, agent_box_info, enrollment_proof, new_keypair, open_box
+from fedmq.runtime.telemetry import PhaseClock
+from fedmq.runtime.private_files import ensure_private_dir, write_private
+from fedmq.runtime.sd_notify import Notifier
+from fedmq.runtime.signals import reload_event, stop_event
 
 from agent.kept_uploads import KeptUploads
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmq.config import DataSettings, ModelSettings, TrainSettings
-from fedmq.models import layer_sizes, mlp
+from fedmq.runtime.config import DataSettings, ModelSettings, TrainSettings
+from fedmq.learning.models import layer_sizes, mlp
 
 log = logging.getLogger("fedmq.agent.training")
 
@@ -128,7 +128,7 @@ class DigitsTrainer:
 
     def sensitivity(self, weights: np.ndarray, samples: int) -> np.ndarray:
         """Sensitivity map of the given model on the first ``samples`` local samples."""
-        from fedmq.sensitivity import sensitivity_map
+        from fedmq.privacy.sensitivity import sensitivity_map
 
         self.load(weights)
         k = min(samples, len(self._y))

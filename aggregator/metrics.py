@@ -13,7 +13,7 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from fedmq import wire
+from fedmq.protocol import wire
 
 log = logging.getLogger("fedmq.aggregator.metrics")
 

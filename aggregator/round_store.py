@@ -16,9 +16,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from fedmq.private_files import ensure_private_dir
-from fedmq.chunking import StreamKey
-from fedmq.wire import Envelope, decode_envelope, encode_envelope
+from fedmq.runtime.private_files import ensure_private_dir
+from fedmq.protocol.chunking import StreamKey
+from fedmq.protocol.wire import Envelope, decode_envelope, encode_envelope
 
 from aggregator.round_state import RoundState
 

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmq import he, masking, topics, update_stream, wire
-from fedmq.chunking import Completed, Reassembler
-from fedmq.config import AggregatorConfig
-from fedmq.mqtt_session import Inbound, MqttSession
-from fedmq.private_files import write_private
-from fedmq.aggregation import RoundSum
-from fedmq.signals import stop_event
-from fedmq.telemetry_db import TelemetryDB
+from fedmq.privacy import he, masking
+from fedmq.protocol import topics, update_stream, wire
+from fedmq.protocol.chunking import Completed, Reassembler
+from fedmq.runtime.config import AggregatorConfig
+from fedmq.runtime.mqtt_session import Inbound, MqttSession
+from fedmq.runtime.private_files import write_private
+from fedmq.privacy.aggregation import RoundSum
+from fedmq.runtime.signals import stop_event
+from fedmq.runtime.telemetry_db import TelemetryDB
 
 from aggregator.round_state import Decision, Outcome, Rejected, RoundState
 from aggregator.metrics import Metrics

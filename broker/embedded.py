@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 
-from fedmq.config import BrokerServerConfig
+from fedmq.runtime.config import BrokerServerConfig
 
 log = logging.getLogger(__name__)
 

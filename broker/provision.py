@@ -27,8 +27,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmq import config as cfgmod
-from fedmq.private_files import ensure_private_dir, write_private
+from fedmq.runtime import config as cfgmod
+from fedmq.runtime.private_files import ensure_private_dir, write_private
 
 ENVELOPE_OVERHEAD = 4096  # msgpack envelope fields around a chunk, and the MQTT header
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes

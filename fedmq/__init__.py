@@ -1,8 +1,11 @@
-"""fedmq shared core: wire protocol, privacy transforms, configuration and MQTT session.
+"""fedmq shared core, grouped by idea.
 
-The role packages (``agent``, ``aggregator``, ``keyauthority``, ``broker``) import
-this package; this package never imports a role, except the CLI, which is the
-composition root and imports each role lazily inside its own command.
+``protocol`` (what travels and how it is checked), ``privacy`` (HE, sealing,
+quantization, masks, protection, homomorphic sums), ``learning`` (torch models),
+``runtime`` (config, MQTT session, telemetry, systemd plumbing) and ``tools``
+(CLI, demo, benchmarks, field tests, audit). The roles (``agent``, ``aggregator``,
+``keyauthority``, ``broker``) import the core, never the tools; the core imports
+no role and no tool. ``tests/test_layering.py`` enforces it.
 """
 
 __version__ = "0.1.0"

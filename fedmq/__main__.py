@@ -1,3 +1,3 @@
-from fedmq.cli import main
+from fedmq.tools.cli import main
 
 main()

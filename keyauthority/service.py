@@ -14,13 +14,14 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from fedmq import he, topics, wire
-from fedmq.config import KeyAuthorityConfig
-from fedmq.mqtt_session import MqttSession
-from fedmq.private_files import write_private
-from fedmq.quantization import LayerQuant, PlanError, QuantPlan
-from fedmq.sealing import SealedBox, agent_box_info, enrollment_proof, proof_matches, seal
-from fedmq.signals import stop_event
+from fedmq.privacy import he
+from fedmq.protocol import topics, wire
+from fedmq.runtime.config import KeyAuthorityConfig
+from fedmq.runtime.mqtt_session import MqttSession
+from fedmq.runtime.private_files import write_private
+from fedmq.privacy.quantization import LayerQuant, PlanError, QuantPlan
+from fedmq.privacy.sealing import SealedBox, agent_box_info, enrollment_proof, proof_matches, seal
+from fedmq.runtime.signals import stop_event
 
 log = logging.getLogger("fedmq.keyauthority")
 

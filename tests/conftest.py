@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmq import config as cfgmod
-from fedmq import wire
-from fedmq.fieldtest import oracle as oracle_mod
-from fedmq.local_cluster import Cluster, Observer, free_port
+from fedmq.runtime import config as cfgmod
+from fedmq.protocol import wire
+from fedmq.tools.fieldtest import oracle as oracle_mod
+from fedmq.tools.local_cluster import Cluster, Observer, free_port
 
 
 @contextlib.contextmanager
@@ -68,7 +68,7 @@ def cluster_factory(tmp_path):
 
 
 def mosquitto_binary() -> str:
-    from fedmq.local_broker import mosquitto_binary as find
+    from fedmq.tools.local_broker import mosquitto_binary as find
 
     found = find()
     if found is None:
@@ -79,7 +79,7 @@ def mosquitto_binary() -> str:
 @pytest.fixture
 def mosquitto(tmp_path):
     """A mosquitto of the test's own, with its own config, on a free loopback port."""
-    from fedmq.local_broker import MosquittoProcess
+    from fedmq.tools.local_broker import MosquittoProcess
 
     mosquitto_binary()
     broker = MosquittoProcess(tmp_path / "mosquitto", free_port(), persistence=False)

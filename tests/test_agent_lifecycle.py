@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from fedmq import config as cfgmod
-from fedmq.local_cluster import Cluster, free_port
+from fedmq.runtime import config as cfgmod
+from fedmq.tools.local_cluster import Cluster, free_port
 from tests.conftest import decrypted_average, plaintext_fedavg
 
 pytestmark = pytest.mark.slow

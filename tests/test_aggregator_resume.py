@@ -8,10 +8,11 @@ import numpy as np
 
 from aggregator.round_state import RoundState
 from aggregator.service import Aggregator
-from fedmq import he, protection, wire
-from fedmq.aggregation import RoundSum
-from fedmq.chunking import split
-from fedmq.config import AggregatorConfig
+from fedmq.privacy import he, protection
+from fedmq.protocol import wire
+from fedmq.privacy.aggregation import RoundSum
+from fedmq.protocol.chunking import split
+from fedmq.runtime.config import AggregatorConfig
 
 
 def test_update_whole_on_disk_but_not_folded_is_folded_after_restart(tmp_path):

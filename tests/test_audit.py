@@ -3,7 +3,7 @@ single-sample gradient, iDLG reads the label off the last layer, and with the to
 10% most sensitive parameters encrypted an attacker that must guess them gets an
 image no better than noise."""
 
-from fedmq.audit import runner
+from fedmq.tools.audit import runner
 
 
 def test_dlg_succeeds_unprotected_and_fails_when_sensitive_parameters_are_encrypted(tmp_path):

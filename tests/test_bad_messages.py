@@ -8,10 +8,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from fedmq import config as cfgmod
-from fedmq import topics, wire
-from fedmq.chunking import split
-from fedmq.mqtt_session import MqttSession
+from fedmq.runtime import config as cfgmod
+from fedmq.protocol import topics, wire
+from fedmq.protocol.chunking import split
+from fedmq.runtime.mqtt_session import MqttSession
 from tests.conftest import decrypted_average, plaintext_fedavg
 
 pytestmark = pytest.mark.slow

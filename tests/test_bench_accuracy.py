@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fedmq.bench import accuracy
+from fedmq.tools.bench import accuracy
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 
 import json
 
-from fedmq.bench import he_overhead as bench
+from fedmq.tools.bench import he_overhead as bench
 
 FIELDS = {"model", "params", "p", "clients", "enc_s", "agg_s", "dec_s", "bytes_per_client", "bytes_per_param",
           "baseline_enc_s", "baseline_agg_s", "baseline_dec_s", "baseline_bytes_per_client"}

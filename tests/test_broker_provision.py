@@ -12,9 +12,9 @@ import pytest
 from pydantic import SecretStr
 
 from broker.provision import mosquitto_hash, provision
-from fedmq import config as cfgmod
-from fedmq.local_cluster import Cluster, free_port, wait_for_port
-from fedmq.mqtt_session import BrokerError, MqttSession
+from fedmq.runtime import config as cfgmod
+from fedmq.tools.local_cluster import Cluster, free_port, wait_for_port
+from fedmq.runtime.mqtt_session import BrokerError, MqttSession
 
 pytestmark = pytest.mark.slow
 

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from fedmq.chunking import Reassembler, split
-from fedmq.wire import WireError
+from fedmq.protocol.chunking import Reassembler, split
+from fedmq.protocol.wire import WireError
 
 
 def _chunks(body=None, size=100, sender="a", rnd=1):

@@ -3,8 +3,8 @@ import stat
 
 import pytest
 
-from fedmq import config
-from fedmq.private_files import is_private, write_private
+from fedmq.runtime import config
+from fedmq.runtime.private_files import is_private, write_private
 
 
 def test_valid_example_configs_load():

@@ -7,10 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from fedmq import config as cfgmod
-from fedmq import he, topics, wire
-from fedmq.chunking import Reassembler
-from fedmq.mqtt_session import MqttSession
+from fedmq.runtime import config as cfgmod
+from fedmq.privacy import he
+from fedmq.protocol import topics, wire
+from fedmq.protocol.chunking import Reassembler
+from fedmq.runtime.mqtt_session import MqttSession
 from tests.conftest import secret_context
 
 pytestmark = pytest.mark.slow

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmq import he, protection, wire
-from fedmq.config import ConfigError
-from fedmq.fieldtest import oracle
-from fedmq.fieldtest.scenario import load_scenario
-from fedmq.fieldtest.tcp_proxy import TcpProxy
+from fedmq.privacy import he, protection
+from fedmq.protocol import wire
+from fedmq.runtime.config import ConfigError
+from fedmq.tools.fieldtest import oracle
+from fedmq.tools.fieldtest.scenario import load_scenario
+from fedmq.tools.fieldtest.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 

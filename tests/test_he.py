@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedmq import he
+from fedmq.privacy import he
 
 PARAMS = he.CkksParams()
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedmq import masking
+from fedmq.privacy import masking
 
 
 def test_top_p_takes_largest_with_ties_by_index():

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fedmq import he
-from fedmq.quantization import LayerQuant, PlanError, QuantPlan, dequantize_sum, quantize, sum_dtype
+from fedmq.privacy import he
+from fedmq.privacy.quantization import LayerQuant, PlanError, QuantPlan, dequantize_sum, quantize, sum_dtype
 
 SIZES = [300, 200, 100]
 PLAN = QuantPlan((LayerQuant(8, "symmetric", "stochastic", -0.5, 0.5),

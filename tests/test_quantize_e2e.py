@@ -7,9 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from fedmq import config as cfgmod
-from fedmq import wire
-from fedmq.mqtt_session import MqttSession
+from fedmq.runtime import config as cfgmod
+from fedmq.protocol import wire
+from fedmq.runtime.mqtt_session import MqttSession
 from tests.conftest import oracle
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ RabbitMQ is installed (Debian: rabbitmq-server) and says so where it is not."""
 import numpy as np
 import pytest
 
-from fedmq.local_broker import RabbitMQProcess, rabbitmq_binary
-from fedmq.local_cluster import free_port
+from fedmq.tools.local_broker import RabbitMQProcess, rabbitmq_binary
+from fedmq.tools.local_cluster import free_port
 from tests.conftest import decrypted_average, plaintext_fedavg
 
 pytestmark = [pytest.mark.slow,

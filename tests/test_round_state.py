@@ -90,7 +90,7 @@ def test_impossible_quorum():
 
 def test_overprovisioned_selection(tmp_path):
     from aggregator.service import Aggregator
-    from fedmq import config as cfgmod
+    from fedmq.runtime import config as cfgmod
 
     online = [f"a{i}" for i in range(20)]
     agg = Aggregator(cfgmod.AggregatorConfig(state_dir=tmp_path, min_agents=4, overprovision=1.5))

@@ -8,8 +8,8 @@ import pytest
 
 from aggregator.round_state import RoundState
 from aggregator.round_store import RoundStore, StoredParts
-from fedmq.chunking import Reassembler, split
-from fedmq.wire import WireError
+from fedmq.protocol.chunking import Reassembler, split
+from fedmq.protocol.wire import WireError
 
 
 def _state() -> RoundState:

@@ -1,7 +1,7 @@
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from fedmq.sealing import SealedBox, agent_box_info, enrollment_proof, new_keypair, open_box, proof_matches, seal
+from fedmq.privacy.sealing import SealedBox, agent_box_info, enrollment_proof, new_keypair, open_box, proof_matches, seal
 
 
 def test_seal_opens_only_for_recipient_and_context():

@@ -4,7 +4,8 @@ rounds in which the masked part is summed as ciphertexts and the rest in the cle
 import numpy as np
 import pytest
 
-from fedmq import he, masking, wire
+from fedmq.privacy import he, masking
+from fedmq.protocol import wire
 from tests.conftest import decrypted_average, oracle, plaintext_fedavg, secret_context
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ import pytest
 
 from aggregator.round_state import Rejected, RoundState
 from aggregator.service import Aggregator
-from fedmq import config as cfgmod
-from fedmq import wire
+from fedmq.runtime import config as cfgmod
+from fedmq.protocol import wire
 
 
 def _agg(tmp_path, **prot):

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmq.sensitivity import sensitivity_map
-from fedmq.models import layer_sizes
+from fedmq.privacy.sensitivity import sensitivity_map
+from fedmq.learning.models import layer_sizes
 
 
 def _double_backward_reference(model, x, labels):

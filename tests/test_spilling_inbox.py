@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from fedmq.mqtt_session import Inbound, SpillingInbox
+from fedmq.runtime.mqtt_session import Inbound, SpillingInbox
 
 
 def test_backlog_beyond_budget_spills_to_disk_in_order(tmp_path):

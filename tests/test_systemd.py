@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from fedmq import config as cfgmod
-from fedmq.device_profiles import detect, profiles
-from fedmq.sd_notify import Notifier
-from fedmq.systemd_unit import render_unit
+from fedmq.runtime import config as cfgmod
+from fedmq.runtime.device_profiles import detect, profiles
+from fedmq.runtime.sd_notify import Notifier
+from fedmq.runtime.systemd_unit import render_unit
 
 
 def _verify(path) -> subprocess.CompletedProcess:

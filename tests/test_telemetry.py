@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmq.local_cluster import free_port
-from fedmq.telemetry_db import read_rounds
+from fedmq.tools.local_cluster import free_port
+from fedmq.runtime.telemetry_db import read_rounds
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

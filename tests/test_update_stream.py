@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fedmq import wire
-from fedmq.update_stream import iter_ciphertexts, read_update
+from fedmq.protocol import wire
+from fedmq.protocol.update_stream import iter_ciphertexts, read_update
 
 
 def _parts(body: bytes, size: int):

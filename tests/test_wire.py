@@ -3,8 +3,8 @@ import dataclasses
 import msgpack
 import pytest
 
-from fedmq import topics, wire
-from fedmq.chunking import single, split
+from fedmq.protocol import topics, wire
+from fedmq.protocol.chunking import single, split
 
 
 def _env(**over):

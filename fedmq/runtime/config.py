@@ -1,0 +1,258 @@
+"""Role configuration: YAML files validated by pydantic.
+
+A bad file fails at start-up with one line per problem that names the file, the
+key and what was expected, e.g. ``configs/agent.yaml: broker.port: Input should
+be less than or equal to 65535 (got 70000)``. Secrets are never echoed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError
+
+from fedmq.protocol.topics import ID_PATTERN
+from fedmq.protocol.wire import Protection
+
+Id = Annotated[str, StringConstraints(pattern=rf"^{ID_PATTERN}$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+KiB = 1024
+_SECRET_KEYS = {"credential", "password", "credentials"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerEndpoint(_Section):
+    """How a role reaches the MQTT broker (embedded amqtt, mosquitto, RabbitMQ)."""
+
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    keepalive: Annotated[int, Field(ge=5, le=3600)] = 30
+    max_inflight: Annotated[int, Field(ge=1, le=65535)] = 32
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 15.0
+    # clean_session=false: the broker keeps our subscriptions and queues QoS 1 messages
+    # while we are briefly away (a Wi-Fi drop, a restart), and delivers them on return.
+    persistent_session: bool = True
+
+
+class HeSettings(_Section):
+    poly_modulus_degree: Literal[2048, 4096, 8192, 16384, 32768] = 4096
+    coeff_mod_bit_sizes: Annotated[list[Annotated[int, Field(ge=20, le=60)]], Field(min_length=2)] = [54, 55]
+    scale_bits: Annotated[int, Field(ge=20, le=58)] = 30
+
+
+class BfvSettings(_Section):
+    poly_modulus_degree: Literal[4096, 8192, 16384] = 4096
+    coeff_mod_bit_sizes: Annotated[list[Annotated[int, Field(ge=20, le=60)]], Field(min_length=2)] = [54, 55]
+    plain_modulus_bits: Annotated[int, Field(ge=17, le=60)] = 36
+
+
+class LayerQuantSettings(_Section):
+    bits: Literal[8, 16] = 8
+    mode: Literal["symmetric", "asymmetric"] = "symmetric"
+    rounding: Literal["nearest", "stochastic"] = "stochastic"
+    lo: float = -1.0
+    hi: float = 1.0
+
+
+class QuantizationSettings(_Section):
+    """The secret plan; the layer list repeats over the model's layers."""
+
+    layers: Annotated[list[LayerQuantSettings], Field(min_length=1)] = [LayerQuantSettings()]
+    n_ref: Annotated[int, Field(ge=1)] = 100
+    max_agents: Annotated[int, Field(ge=1)] = 16
+
+
+class ModelSettings(_Section):
+    """The model every agent of a task trains; all agents of a task must agree."""
+
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = [64, 32]
+    init_seed: int = 0
+
+
+class DataSettings(_Section):
+    shard: Annotated[int, Field(ge=0)] = 0
+    num_shards: Annotated[int, Field(ge=1)] = 1
+    seed: int = 0
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+
+
+class TrainSettings(_Section):
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 5
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    lr: Annotated[float, Field(gt=0)] = 0.1
+    torch_threads: Annotated[int, Field(ge=1)] = 1
+    device: Literal["cpu", "cuda"] = "cpu"
+    mixed_precision: bool = False  # autocast on CUDA
+    sensitivity_samples: Annotated[int, Field(ge=1)] = 64  # K of the sensitivity map
+
+
+class FaultSettings(_Section):
+    """Fault injection for tests and field tests; all off by default."""
+
+    chunk_delay_s: Annotated[float, Field(ge=0)] = 0.0
+    oracle_dir: Path | None = None  # test-only: dump plaintext updates for an exactness oracle
+
+
+class AgentConfig(_Section):
+    agent_id: Id
+    credential: SecretStr
+    task: Id = "digits"
+    broker: BrokerEndpoint = BrokerEndpoint()
+    state_dir: Path = Path("state/agent")
+    chunk_size: Annotated[int, Field(ge=1 * KiB, le=64 * 1024 * KiB)] = 256 * KiB
+    enroll_retry_s: Annotated[float, Field(gt=0)] = 5.0
+    model: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings()
+    train: TrainSettings = TrainSettings()
+    faults: FaultSettings = FaultSettings()
+    # Fills in what this file leaves unset (device, threads, batch and chunk size,
+    # memory ceiling): auto | raspberry-pi | laptop | gpu-server. See device_profiles.py.
+    profile: Literal["auto", "raspberry-pi", "laptop", "gpu-server", "none"] = "none"
+    he_threads: Annotated[int, Field(ge=1)] | None = None
+    memory_limit_mb: Annotated[int, Field(ge=64)] | None = None  # the agent declines rounds that would exceed it
+
+
+class AggregatorConfig(_Section):
+    aggregator_id: Id = "aggregator"
+    task: Id = "digits"
+    broker: BrokerEndpoint = BrokerEndpoint()
+    state_dir: Path = Path("state/aggregator")
+    rounds: Annotated[int, Field(ge=0)] = 5  # 0: run until stopped
+    min_agents: Annotated[int, Field(ge=1)] = 2  # quorum
+    max_agents: Annotated[int, Field(ge=1)] = 1000
+    # Over-provisioning: select this many times the quorum (at random among the online
+    # agents, at least the quorum), so dropouts still leave a quorum. 0: every online agent.
+    overprovision: Annotated[float, Field(ge=0)] = 0.0
+    selection_seed: int = 0
+    # A round starts as soon as target_agents are online, or, with at least
+    # min_agents online, once selection_grace_s has passed (0: target = min_agents).
+    target_agents: Annotated[int, Field(ge=0)] = 0
+    selection_grace_s: Annotated[float, Field(ge=0)] = 5.0
+    round_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    # How long an agent's last will must stand before a round stops waiting for it:
+    # agents reconnect within seconds of a broker restart or a Wi-Fi blip.
+    offline_grace_s: Annotated[float, Field(ge=0)] = 8.0
+    metrics_port: Port | None = None  # Prometheus /metrics on metrics_host (off by default)
+    metrics_host: str = "127.0.0.1"
+    telemetry_linger_s: Annotated[float, Field(ge=0)] = 10.0  # after the last round, wait for its telemetry
+    inbox_max_bytes: Annotated[int, Field(ge=1 * KiB)] = 16 * 1024 * KiB  # inbound backlog in memory; the rest spools
+    wait_for_agents_s: Annotated[float, Field(gt=0)] = 120.0
+    chunk_size: Annotated[int, Field(ge=1 * KiB, le=64 * 1024 * KiB)] = 256 * KiB
+    # Selective Parameter Encryption: p (0 plaintext .. 1 full), mode sensitivity|random,
+    # include_first_last, seed (random mode), plain_dtype float32|float16.
+    protection: Protection = Protection()
+    # An update declaring more samples is rejected: one agent must not outweigh the
+    # fleet (nor overflow the summed weight).
+    max_samples_per_agent: Annotated[int, Field(ge=1, le=1 << 40)] = 1_000_000
+    max_message_bytes: Annotated[int, Field(ge=2 * KiB)] = 1024 * KiB
+    max_update_bytes: Annotated[int, Field(ge=1 * KiB)] = 2 * 1024 * 1024 * KiB
+
+
+class KeyAuthorityConfig(_Section):
+    authority_id: Id = "keyauthority"
+    task: Id = "digits"
+    broker: BrokerEndpoint = BrokerEndpoint()
+    state_dir: Path = Path("state/keyauthority")
+    he: HeSettings = HeSettings()
+    bfv: BfvSettings = BfvSettings()
+    quantization: QuantizationSettings | None = None  # the plan for quantize / quantize+he tasks
+    chunk_size: Annotated[int, Field(ge=1 * KiB)] = 256 * KiB
+    max_clock_skew_s: Annotated[float, Field(gt=0)] = 300.0
+    credentials: dict[Id, SecretStr] = Field(default_factory=dict)
+
+
+class BrokerServerConfig(_Section):
+    """The embedded broker (``fedmq broker``)."""
+
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    max_connections: Annotated[int, Field(ge=0)] = 0
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def load(model: type[C], path: str | Path, overrides: dict | None = None) -> C:
+    """Load and validate a YAML config; raises ConfigError naming file and keys."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    if overrides:
+        raw = {**raw, **overrides}
+    try:
+        config = model.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "<top>"
+            got = "" if _SECRET_KEYS & {str(p) for p in err["loc"]} else f" (got {err.get('input')!r})"
+            if err["type"] == "missing":
+                got = ""
+            lines.append(f"{path}: {loc}: {err['msg']}{got}")
+        raise ConfigError("\n".join(lines)) from None
+    if _holds_secret(raw) and os.name == "posix" and stat.S_IMODE(path.stat().st_mode) & 0o077:
+        import logging
+
+        logging.getLogger(__name__).warning("%s holds secrets but is readable by group/others; chmod 600 it", path)
+    return config
+
+
+def _holds_secret(raw: dict) -> bool:
+    return any(k in _SECRET_KEYS for k in raw) or any(
+        isinstance(v, dict) and _holds_secret(v) for v in raw.values())
+
+
+def apply_profile(cfg: AgentConfig) -> AgentConfig:
+    """The agent config with its device profile's values where the file set none."""
+    if cfg.profile == "none":
+        return cfg
+    from fedmq.runtime.device_profiles import resolve
+
+    prof = resolve(cfg.profile)
+    train_set, top_set = cfg.train.model_fields_set, cfg.model_fields_set
+    train = cfg.train.model_copy(update={k: v for k, v in {
+        "device": prof.device, "torch_threads": prof.torch_threads, "batch_size": prof.batch_size,
+        "mixed_precision": prof.mixed_precision}.items() if k not in train_set})
+    top = {k: v for k, v in {"chunk_size": prof.chunk_size, "he_threads": prof.he_threads,
+                             "memory_limit_mb": prof.memory_limit_mb}.items() if k not in top_set}
+    return cfg.model_copy(update={"train": train, **top})
+
+
+def dump(config: BaseModel) -> str:
+    """YAML for a config, secrets included (write it with private_files)."""
+    def reveal(obj):
+        if isinstance(obj, SecretStr):
+            return obj.get_secret_value()
+        if isinstance(obj, Path):
+            return str(obj)
+        if isinstance(obj, dict):
+            return {k: reveal(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [reveal(v) for v in obj]
+        return obj
+
+    return yaml.safe_dump(reveal(config.model_dump()), sort_keys=False)

@@ -1,0 +1,395 @@
+"""The ``fedmq`` command line.
+
+This module is the composition root: each command imports its role lazily, so
+``fedmq agent`` never loads the aggregator and an idle agent never loads torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fedmq.runtime import config as cfgmod
+from fedmq.runtime.logging_setup import configure
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Privacy-preserving federated learning over MQTT.")
+
+
+def _load(model, path: Path):
+    try:
+        return cfgmod.load(model, path)
+    except cfgmod.ConfigError as exc:
+        typer.echo(f"config error:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+broker_app = typer.Typer(invoke_without_command=True, help="The embedded broker; `provision` for mosquitto.")
+app.add_typer(broker_app, name="broker")
+
+
+@broker_app.callback()
+def broker(ctx: typer.Context, port: int = typer.Option(1883, help="TCP port to listen on."),
+           host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default)."),
+           config: Optional[Path] = typer.Option(None, "--config", help="YAML with host/port."),
+           log_level: str = "INFO") -> None:
+    """Run the embedded MQTT broker (amqtt), or a subcommand."""
+    if ctx.invoked_subcommand is not None:
+        return
+    configure("broker", log_level)
+    from broker.embedded import run
+
+    cfg = _load(cfgmod.BrokerServerConfig, config) if config else cfgmod.BrokerServerConfig(host=host, port=port)
+    run(cfg)
+
+
+@broker_app.command("provision")
+def broker_provision(agents: int = typer.Option(..., min=1, help="Number of agents to create."),
+                     out: Path = typer.Option(..., help="Directory for mosquitto.conf, passwd, acl, certs, configs."),
+                     tls: bool = typer.Option(False, help="TLS listener with a generated CA and server certificate."),
+                     port: int = typer.Option(8883, help="Listener port."),
+                     host: str = typer.Option("127.0.0.1", help="Listener address and certificate name."),
+                     task: str = typer.Option("digits"),
+                     chunk_kib: int = typer.Option(256, min=1, help="Chunk size; max_packet_size follows it.")) -> None:
+    """Write a locked-down mosquitto (passwords, ACLs, optional TLS) and every role's config."""
+    from broker.provision import provision
+
+    prov = provision(out, agents=agents, port=port, host=host, tls=tls, task=task, chunk_size=chunk_kib * 1024)
+    typer.echo(f"wrote {prov.conf} (+ passwd, acl{', ca.crt, server.crt/key' if tls else ''}) and "
+               f"keyauthority.yaml, aggregator.yaml, {len(prov.agents)} agent configs (0600) in {out}\n"
+               f"start: mosquitto -c {prov.conf}")
+
+
+@app.command()
+def keyauthority(config: Path = typer.Option(..., "--config", help="Key authority YAML."),
+                 log_level: str = "INFO") -> None:
+    """Run the key authority: generate HE keys, enroll agents."""
+    configure("keyauthority", log_level)
+    from keyauthority.service import run
+
+    run(_load(cfgmod.KeyAuthorityConfig, config))
+
+
+@app.command()
+def aggregator(config: Path = typer.Option(..., "--config", help="Aggregator YAML."),
+               log_level: str = "INFO") -> None:
+    """Run the aggregator: rounds and homomorphic FedAvg."""
+    configure("aggregator", log_level)
+    from aggregator.service import run
+
+    run(_load(cfgmod.AggregatorConfig, config))
+
+
+@app.command()
+def agent(config: Path = typer.Option(..., "--config", help="Agent YAML."),
+          log_level: str = "INFO") -> None:
+    """Run an edge agent."""
+    cfg = _load(cfgmod.AgentConfig, config)
+    configure(cfg.agent_id, log_level)
+    from agent.service import run
+
+    raise typer.Exit(run(cfg, config_path=config))
+
+
+@app.command("install-unit")
+def install_unit(config: Path = typer.Option(..., "--config", help="The agent YAML the service runs with."),
+                 out: Path = typer.Option(Path("/etc/systemd/system/fedmq-agent.service"), help="Unit file to write."),
+                 user: str = typer.Option("fedmq", help="Dedicated system user the agent runs as."),
+                 watchdog_s: int = typer.Option(120, min=10, help="WatchdogSec=.")) -> None:
+    """Write the agent's systemd unit (Type=notify, watchdog, hardened). Then:
+    useradd --system fedmq; systemctl daemon-reload; systemctl enable --now fedmq-agent."""
+    from fedmq.runtime.systemd_unit import render_unit
+
+    cfg = _load(cfgmod.AgentConfig, config)
+    try:
+        text = render_unit(cfg, config, user=user, watchdog_s=watchdog_s)
+    except ValueError as exc:
+        typer.echo(f"config error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def demo(agents: int = typer.Option(4, min=2, help="Number of agents."),
+         rounds: int = typer.Option(5, min=1, help="Number of rounds."),
+         kill_round: int = typer.Option(3, help="Round in which one agent is killed (0: none)."),
+         workdir: Optional[Path] = typer.Option(None, help="Where configs, keys and logs go (default: a temp dir)."),
+         chunk_kib: int = typer.Option(64, help="Upload chunk size in KiB."),
+         scheme: str = typer.Option("ckks", help="ckks | quantize | quantize+he"),
+         p: float = typer.Option(1.0, min=0.0, max=1.0, help="Encrypted fraction (ckks, quantize+he)."),
+         selection: str = typer.Option("sensitivity", help="sensitivity | random (when 0 < p < 1)."),
+         timeout: float = typer.Option(600, help="Give up after this many seconds.")) -> None:
+    """Broker, key authority, aggregator and N agents as processes; a few encrypted rounds."""
+    configure("demo", "WARNING")
+    from pydantic import ValidationError
+
+    from fedmq.protocol import wire
+    from fedmq.tools.demo import run_demo
+
+    try:
+        protection = wire.Protection(scheme=scheme, p=p, mode=selection)
+    except ValidationError as exc:
+        typer.echo(f"invalid protection: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(run_demo(agents=agents, rounds=rounds, kill_round=kill_round, workdir=workdir,
+                              chunk_kib=chunk_kib, timeout=timeout, protection=protection))
+
+
+@app.command()
+def fieldtest(scenario: Path = typer.Argument(..., help="Scenario YAML (see configs/fieldtests/)."),
+              workdir: Optional[Path] = typer.Option(None, help="Where configs, keys, logs go (default: temp dir)."),
+              json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
+              log_level: str = "WARNING") -> None:
+    """Run a scenario under its fault schedule; exit 1 if any round is missing or not exact."""
+    import tempfile
+
+    from rich.console import Console
+
+    from fedmq.tools.fieldtest.report import render, round_line
+    from fedmq.tools.fieldtest.runner import FieldTest, write_json
+    from fedmq.tools.fieldtest.scenario import Scenario
+
+    configure("fieldtest", log_level)
+    sc = _load(Scenario, scenario)
+    console = Console(width=max(Console().width, 140))
+    with tempfile.TemporaryDirectory(prefix="fedmq-field-") as tmp:
+        where = workdir or Path(tmp)
+        console.print(f"[bold]fedmq fieldtest[/] {sc.name}: {sc.agents} agents, {sc.rounds} rounds, work dir {where}")
+        report = FieldTest(sc, where).run(on_round=lambda rep: console.print(round_line(rep)))
+        render(report, console)
+        if json_out:
+            write_json(report, json_out)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def report(db: Path = typer.Option(Path("state/aggregator/telemetry.sqlite"), "--db",
+                                   help="The aggregator's telemetry database (in its state_dir)."),
+           png: Optional[Path] = typer.Option(None, help="Write PNG plots into this directory.")) -> None:
+    """Per-round, per-device time, memory and bytes from the aggregator's telemetry."""
+    from rich.console import Console
+
+    from fedmq.tools.report import render_table, write_pngs
+
+    if not db.exists():
+        typer.echo(f"no telemetry database at {db} (see the aggregator's state_dir)", err=True)
+        raise typer.Exit(2)
+    rows = render_table(db, Console(width=max(Console().width, 160)))
+    if png is not None:
+        for path in write_pngs(db, png):
+            typer.echo(f"wrote {path}")
+    raise typer.Exit(0 if rows else 1)
+
+
+@app.command()
+def audit(json_out: Path = typer.Option(Path("benchmarks/results/audit.json"), "--json"),
+          png: Optional[Path] = typer.Option(None, help="Grid of reconstructions (default: next to the JSON)."),
+          quick: bool = typer.Option(False, help="2 seeds, 100 iterations, p in {0.1, 0.3} (< 3 min on 2 cores)."),
+          seeds: Optional[int] = typer.Option(None, min=1, help="Images/initializations (default 3; quick 2)."),
+          iterations: Optional[int] = typer.Option(None, min=1, help="L-BFGS iterations (default 300; quick 100).")) -> None:
+    """Privacy audit: DLG and iDLG against what the aggregator sees, under every protection mode."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedmq.tools.audit import runner
+
+    configure("audit", "WARNING")
+    result = runner.run(seeds=seeds or (2 if quick else 3), iterations=iterations or (100 if quick else 300),
+                        quick=quick)
+    runner.plot(result, png or json_out.with_suffix(".png"))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=2))
+    rnd = result["random_image_psnr"]
+    table = Table(title=f"Gradient inversion vs protection (LeNet, digits 32x32; random image: {rnd:.1f} dB)")
+    for col in ("protection", "DLG PSNR", "DLG SSIM", "iDLG PSNR", "iDLG SSIM"):
+        table.add_column(col, justify="left" if col == "protection" else "right")
+    for mode, v in result["summary"].items():
+        table.add_row(mode, f"{v['dlg']['psnr_mean']:.1f}", f"{v['dlg']['ssim_mean']:.2f}",
+                      f"{v['idlg']['psnr_mean']:.1f}", f"{v['idlg']['ssim_mean']:.2f}")
+    Console(width=max(Console().width, 100)).print(table)
+    typer.echo(f"-> {json_out}")
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures and write them to files.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("he")
+def bench_he(json_out: Path = typer.Option(Path("benchmarks/results/he.json"), "--json", help="Where rows go."),
+             png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
+             quick: bool = typer.Option(False, help="Linear, LeNet-5 and the CNN, one repetition (<2 min)."),
+             models: Optional[str] = typer.Option(None, help="Comma-separated subset of linear,lenet5,cnn,resnet18."),
+             reps: Optional[int] = typer.Option(None, help="Repetitions per measurement (median).")) -> None:
+    """HE overhead vs p for several models, against a FLARE-style baseline."""
+    configure("bench", "WARNING")
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedmq.tools.bench import he_overhead as bench
+
+    names = models.split(",") if models else (["linear", "lenet5", "cnn"] if quick
+                                              else ["linear", "lenet5", "cnn", "resnet18"])
+    rows = bench.run(names, reps=reps or (1 if quick else 3))
+    doc = bench.write(rows, json_out, quick, bench.sensitivity_timing(names))
+    png = png or json_out.with_suffix(".png")
+    bench.plot(rows, png)
+    table = Table(title=f"3-client round, fedmq vs FLARE-style CKKS (cpus: {os.cpu_count()})")
+    for col in ("model", "mode", "params", "p", "enc s", "agg s", "dec s", "B/param", "MB/client", "round s",
+                "FLARE round s", "FLARE MB", "vs FLARE", "rel err"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r.model, r.mode, f"{r.params:,}", f"{r.p:.1f}", f"{r.enc_s:.3f}", f"{r.agg_s:.3f}", f"{r.dec_s:.3f}",
+                      f"{r.bytes_per_param:.2f}", f"{r.bytes_per_client / 1e6:.2f}", f"{r.he_round_s:.3f}",
+                      f"{r.baseline_round_s:.3f}", f"{r.baseline_bytes_per_client / 1e6:.2f}",
+                      f"{r.ratio_to_baseline:.3f}", f"{r.rel_err:.1e}")
+    console = Console(width=max(Console().width, 160))
+    console.print(table)
+    for t in doc["sensitivity"]:
+        console.print(f"sensitivity map of {t['model']} ({t['params']:,} params, K={t['samples']}): "
+                      f"{t['seconds']:.2f} s")
+    for t in doc["targets"]:
+        console.print(f"{'PASS' if t['met'] else 'MISS'}  {t['target']}: {t['measured']}")
+    console.print(f"wrote {json_out} and {png}")
+
+
+@bench_app.command("aggregator-memory")
+def bench_aggregator_memory(
+        json_out: Path = typer.Option(Path("benchmarks/results/aggregator_memory.json"), "--json"),
+        clients: int = typer.Option(50, min=2, help="Simulated agents uploading at once."),
+        params: int = typer.Option(1_663_370, min=1, help="Model size (default: the paper's CNN)."),
+        chunk_kib: int = typer.Option(256, min=1)) -> None:
+    """Aggregator peak RSS while N encrypted uploads are in flight at once."""
+    import tempfile
+
+    from fedmq.tools.bench import aggregator_memory
+
+    configure("bench", "WARNING")
+    with tempfile.TemporaryDirectory(prefix="fedmq-aggmem-") as tmp:
+        row = aggregator_memory.run(clients=clients, params=params, chunk_kib=chunk_kib, workdir=Path(tmp))
+    aggregator_memory.write(row, json_out)
+    mb = 1024 * 1024
+    typer.echo(f"{clients} clients x {row['encrypted_update_bytes'] / mb:.1f} MiB encrypted update "
+               f"({params:,} params): aggregator base {row['aggregator_base_rss_bytes'] / mb:.0f} MiB, peak "
+               f"{row['aggregator_peak_rss_bytes'] / mb:.0f} MiB = base + "
+               f"{row['peak_minus_base_in_models']:.2f} x the serialized update = "
+               f"{row['peak_minus_base_in_memory_models']:.2f} x the update as SEAL holds it (target <= 3; "
+               f"all-in-memory would need "
+               f"{row['all_in_memory_would_need_bytes'] / mb:.0f} MiB); {row['participants']} folded, "
+               f"{row['until_closed_s']:.0f}s -> {json_out}")
+    raise typer.Exit(0 if row["meets_target"] and row["participants"] == clients else 1)
+
+
+@bench_app.command("agent-idle")
+def bench_agent_idle(json_out: Path = typer.Option(Path("benchmarks/results/agent_idle.json"), "--json")) -> None:
+    """Resident memory of an enrolled agent waiting for its first round (target <= 80 MB)."""
+    import json
+    import tempfile
+
+    from fedmq.tools.bench import agent_idle
+
+    configure("bench", "WARNING")
+    with tempfile.TemporaryDirectory(prefix="fedmq-idle-") as tmp:
+        row = agent_idle.run(Path(tmp))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(row, indent=2))
+    typer.echo(f"idle agent: RSS {row['idle_rss_mb']:.1f} MB, USS {row['idle_uss_mb']:.1f} MB (target <= "
+               f"{row['target_mb']} MB); heavy libraries mapped: {row['heavy_libraries_mapped'] or 'none'} "
+               f"-> {json_out}")
+    raise typer.Exit(0 if row["meets_target"] else 1)
+
+
+@bench_app.command("cycle")
+def bench_cycle(json_out: Path = typer.Option(Path("benchmarks/results/cycle-cpu.json"), "--json"),
+                png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
+                device: str = typer.Option("cpu", help="cpu | cuda"),
+                samples: int = typer.Option(512, min=8, help="Local training samples (one epoch)."),
+                ps: str = typer.Option("0,0.1,0.3,1", help="Encrypted fractions.")) -> None:
+    """Time breakdown of one agent cycle (train, sensitivity, protect, serialize), ResNet-18, 32x32."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedmq.tools.bench import cycle
+
+    configure("bench", "WARNING")
+    rows = cycle.run(device=device, ps=tuple(float(v) for v in ps.split(",")), samples=samples)
+    cycle.write(rows, json_out, png or json_out.with_suffix(".png"))
+    table = Table(title=f"ResNet-18 cycle on {rows[0].device_name} ({samples} samples, one epoch)")
+    for col in ("p", "train s", "sensitivity s", "protect s", "serialize s", "total s", "privacy share", "MB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r.p:g}", f"{r.train_s:.2f}", f"{r.sensitivity_s:.2f}", f"{r.protect_s:.2f}",
+                      f"{r.serialize_s:.2f}", f"{r.total_s:.2f}", f"{100 * r.protection_share:.0f}%",
+                      f"{r.update_bytes / 1e6:.1f}")
+    Console().print(table)
+
+
+@bench_app.command("broker")
+def bench_broker(json_out: Path = typer.Option(Path("benchmarks/results/broker.json"), "--json"),
+                 brokers: str = typer.Option("embedded,mosquitto,rabbitmq", help="Which brokers (where installed)."),
+                 total_mb: int = typer.Option(32, min=1, help="Megabytes sent per broker and chunk size.")) -> None:
+    """Chunk throughput (MB/s, chunks/s) through the embedded broker, mosquitto and RabbitMQ."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedmq.tools.bench import broker_throughput
+
+    configure("bench", "WARNING")
+    rows = broker_throughput.run(brokers.split(","), total_mb=total_mb)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(rows, indent=2))
+    table = Table(title=f"Chunk throughput on loopback ({total_mb} MB per row, QoS 1, manual ack)")
+    for col in ("broker", "chunk KiB", "MB/s", "chunks/s", "received"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        if "skipped" in r:
+            table.add_row(r["broker"], "-", "-", "-", r["skipped"])
+        else:
+            table.add_row(r["broker"], str(r["chunk_kib"]), f"{r['mb_per_s']:.1f}", f"{r['chunks_per_s']:.0f}",
+                          f"{r['received']}/{r['chunks']}")
+    Console().print(table)
+
+
+@bench_app.command("accuracy")
+def bench_accuracy(json_out: Path = typer.Option(Path("benchmarks/results/accuracy.json"), "--json"),
+                   png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
+                   agents: int = typer.Option(8, min=2), rounds: int = typer.Option(10, min=1),
+                   modes: str = typer.Option("none,ckks,quantize,quantize+he,ckks-p0.3,ckks-p0.3-f16",
+                                             help="Comma-separated.")) -> None:
+    """Final accuracy per protection mode, with the real system on digits."""
+    configure("bench", "WARNING")
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedmq.tools.bench import accuracy as bench
+
+    rows = bench.run(modes.split(","), agents, rounds)
+    png = png or json_out.with_suffix(".png")
+    bench.write(rows, json_out, png)
+    table = Table(title=f"digits, {agents} agents, {rounds} rounds")
+    for col in ("mode", "final accuracy", "vs none", "bytes/round", "clipped", "wall s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        last = r["per_round"][-1]
+        delta = "-" if r["delta_vs_none"] is None else f"{100 * r['delta_vs_none']:+.2f} pt"
+        table.add_row(r["mode"], f"{r['final_accuracy']:.4f}", delta, f"{last['bytes_received']:,}",
+                      str(sum(x["clipped"] for x in r["per_round"])), f"{r['wall_s']:.0f}")
+    Console(width=max(Console().width, 100)).print(table)
+    print(f"wrote {json_out} and {png}")
+
+
+def main() -> None:
+    app(prog_name="fedmq")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The scenario file of a field test: the fleet, the task, and the fault schedule.
+
+Faults are either listed (``faults:``) or drawn (``random_faults:``) from a seeded
+generator, so a scenario replays the same schedule every time it runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from fedmq.runtime import config as cfgmod
+from fedmq.protocol.wire import Protection
+
+FaultKind = Literal["kill", "stop", "network", "broker-restart", "aggregator-kill"]
+
+
+class Fault(cfgmod._Section):
+    """One fault, applied in training round ``round`` (1-based, as the aggregator counts)."""
+
+    round: Annotated[int, Field(ge=1)]
+    kind: FaultKind
+    agent: str | None = None  # kill, stop, network
+    # kill / aggregator-kill: 'training' = as the round starts, before any chunk of the
+    # agent (of any agent, for the aggregator) is seen; 'upload' = at its first chunk.
+    phase: Literal["training", "upload"] = "training"
+    mode: Literal["drop", "blackhole", "delay"] = "drop"  # network
+    after_s: Annotated[float, Field(ge=0)] = 0.0  # wait this long after the round starts (training phase)
+    duration_s: Annotated[float, Field(gt=0)] = 3.0  # network outage / broker down time
+    delay_s: Annotated[float, Field(ge=0)] = 0.3  # network mode 'delay'
+    restart_after_s: Annotated[float, Field(ge=0)] | None = 2.0  # killed process comes back (None: never)
+
+    @model_validator(mode="after")
+    def _agent_given(self) -> Fault:
+        if self.kind in ("kill", "stop", "network") and not self.agent:
+            raise ValueError(f"a {self.kind} fault needs 'agent'")
+        return self
+
+
+class RandomFaults(cfgmod._Section):
+    """Per round, ``fraction`` of the fleet gets one fault drawn from ``kinds``."""
+
+    fraction: Annotated[float, Field(gt=0, le=1)] = 0.3
+    kinds: list[Literal["kill-training", "kill-upload", "stop", "drop", "blackhole", "delay"]] = [
+        "kill-training", "kill-upload", "stop", "drop", "blackhole", "delay"]
+    aggregator_kill_rounds: list[int] = []
+    broker_restart_rounds: list[int] = []
+
+
+class Scenario(cfgmod._Section):
+    name: str
+    agents: Annotated[int, Field(ge=2, le=200)]
+    rounds: Annotated[int, Field(ge=1)]
+    broker: Literal["auto", "mosquitto", "embedded"] = "auto"
+    min_agents: Annotated[int, Field(ge=1)] = 2
+    round_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    selection_grace_s: Annotated[float, Field(ge=0)] = 5.0
+    offline_grace_s: Annotated[float, Field(ge=0)] = 5.0  # the aggregator's patience with last wills
+    chunk_size: Annotated[int, Field(ge=1024)] = 16 * 1024
+    chunk_delay_s: Annotated[float, Field(ge=0)] = 0.02  # paces uploads so 'mid-upload' is a real moment
+    keepalive_s: Annotated[int, Field(ge=5)] = 10
+    protection: Protection = Protection()
+    seed: int = 0
+    time_limit_s: Annotated[float, Field(gt=0)] = 600.0
+    tolerance: Annotated[float, Field(gt=0)] = 1e-6  # max |aggregate - exact weighted mean|
+    faults: list[Fault] = []
+    random_faults: RandomFaults | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scenario:
+        if self.protection.scheme != "ckks":
+            raise ValueError("field tests check CKKS aggregates exactly; protection.scheme must be 'ckks'")
+        if self.min_agents > self.agents:
+            raise ValueError(f"min_agents {self.min_agents} exceeds agents {self.agents}")
+        ids = set(self.agent_ids)
+        for f in self.faults:
+            if f.agent is not None and f.agent not in ids:
+                raise ValueError(f"fault names {f.agent!r}, which is not one of agent-1..agent-{self.agents}")
+            if f.round > self.rounds:
+                raise ValueError(f"fault in round {f.round}, but the scenario has {self.rounds} rounds")
+        return self
+
+    @property
+    def agent_ids(self) -> list[str]:
+        return [f"agent-{i + 1}" for i in range(self.agents)]
+
+    def draw(self, rnd: int, selected: list[str], rng: np.random.Generator) -> list[Fault]:
+        """The random faults of one round, drawn among the agents it selected (a fault
+        on an agent that takes no part would test nothing)."""
+        rf = self.random_faults
+        if rf is None:
+            return []
+        out: list[Fault] = []
+        count = min(len(selected), max(1, round(rf.fraction * len(selected))))
+        for agent in sorted(rng.choice(sorted(selected), size=count, replace=False).tolist()):
+            pick = rf.kinds[int(rng.integers(len(rf.kinds)))]
+            after = float(rng.uniform(0.0, 1.0))
+            if pick.startswith("kill"):
+                out.append(Fault(round=rnd, kind="kill", agent=agent, phase=pick.split("-")[1], after_s=after))
+            elif pick == "stop":
+                out.append(Fault(round=rnd, kind="stop", agent=agent, after_s=after))
+            else:
+                out.append(Fault(round=rnd, kind="network", agent=agent, mode=pick, after_s=after,
+                                 duration_s=float(rng.uniform(1.0, 4.0))))
+        if rnd in rf.aggregator_kill_rounds:
+            out.append(Fault(round=rnd, kind="aggregator-kill", phase="upload"))
+        if rnd in rf.broker_restart_rounds:
+            out.append(Fault(round=rnd, kind="broker-restart", after_s=0.5))
+        return out
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    return cfgmod.load(Scenario, path)
