@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmq.runtime import config as cfgmod
+from fedmq.privacy import signing
 from fedmq.runtime.private_files import ensure_private_dir, write_private
 
 ENVELOPE_OVERHEAD = 4096  # msgpack envelope fields around a chunk, and the MQTT header
@@ -165,16 +166,24 @@ def provision(out: Path, *, agents: int, port: int = 8883, host: str = "127.0.0.
         return cfgmod.BrokerEndpoint(host=host, port=port, username=user, password=passwords[user], tls_ca=ca)
 
     creds = {a: secrets.token_urlsafe(24) for a in ids}
+    # Signing keys beside the configs (0600): each role's config names the other's public key.
+    keys = {role: out / f"{role}-signing.key" for role in ("keyauthority", "aggregator")}
+    public = {role: signing.public_bytes(signing.load_or_create(path)).hex() for role, path in keys.items()}
+    quorum = max(1, min(2, agents))
     configs = {
         "keyauthority": cfgmod.KeyAuthorityConfig(task=task, broker=endpoint("keyauthority"),
                                                   state_dir=state_root / "keyauthority", credentials=creds,
-                                                  chunk_size=chunk_size),
+                                                  chunk_size=chunk_size, signing_key=keys["keyauthority"],
+                                                  aggregator_key=public["aggregator"],
+                                                  policy=cfgmod.PolicySettings(min_agents=quorum)),
         "aggregator": cfgmod.AggregatorConfig(task=task, broker=endpoint("aggregator"), rounds=rounds,
                                               state_dir=state_root / "aggregator", target_agents=agents,
-                                              min_agents=max(1, min(2, agents)), chunk_size=chunk_size),
+                                              min_agents=quorum, chunk_size=chunk_size,
+                                              signing_key=keys["aggregator"], authority_key=public["keyauthority"]),
     }
     for i, a in enumerate(ids):
         configs[a] = cfgmod.AgentConfig(agent_id=a, credential=creds[a], task=task, broker=endpoint(a),
+                                        authority_key=public["keyauthority"],
                                         state_dir=state_root / a, chunk_size=chunk_size,
                                         data=cfgmod.DataSettings(shard=i, num_shards=agents))
     for name, cfg in configs.items():

@@ -20,25 +20,43 @@ from fedmq.runtime.config import KeyAuthorityConfig
 from fedmq.runtime.mqtt_session import MqttSession
 from fedmq.runtime.private_files import write_private
 from fedmq.privacy.quantization import LayerQuant, PlanError, QuantPlan
-from fedmq.privacy.sealing import SealedBox, agent_box_info, enrollment_proof, proof_matches, seal
+from fedmq.privacy import signing
+from fedmq.privacy.sealing import SealedBox, agent_box_info, enrollment_proof, grant_mac, proof_matches, seal
 from fedmq.runtime.signals import stop_event
 
 log = logging.getLogger("fedmq.keyauthority")
 
 
+class StartError(RuntimeError):
+    """A configuration the key authority cannot start with; the text says what to do."""
+
+
 class KeyAuthority:
-    def __init__(self, cfg: KeyAuthorityConfig) -> None:
+    def __init__(self, cfg: KeyAuthorityConfig, config_path: Path | None = None) -> None:
         self.cfg = cfg
         state = Path(cfg.state_dir)
+        where = f" in {config_path}" if config_path else ""
+        if cfg.aggregator_key is None:
+            raise StartError(f"aggregator_key is not set{where}: the policy names the aggregator whose signature "
+                             "agents accept (`fedmq signing-key --config AGGREGATOR.yaml` prints it)")
+        try:
+            aggregator_key = signing.resolve_public(cfg.aggregator_key,
+                                                    relative_to=config_path.parent if config_path else None)
+        except ValueError as exc:
+            raise StartError(f"aggregator_key{where}: {exc}") from None
+        self.signing_key = signing.load_or_create(cfg.signing_key or state / "signing.key")
         self.ctx = self._load_or_create_context(state)
         self.bfv = self._load_or_create_bfv(state)
         self.plan = self._plan()
+        pol = cfg.policy
+        self.policy = wire.Policy(protection=pol.protection, min_agents=pol.min_agents, max_samples=pol.max_samples,
+                                  aggregator_key=aggregator_key)
         self.secret_blob = wire.encode_body(wire.SealedKeys(
             ckks=he.serialize_secret(self.ctx), bfv=he.serialize_secret(self.bfv),
-            plan=self.plan.to_wire() if self.plan else None))[1]
+            plan=self.plan.to_wire() if self.plan else None, policy=self.policy))[1]
         self.public_blob = he.serialize_public(self.ctx)
         self.bfv_public_blob = he.serialize_public(self.bfv)
-        self.session = MqttSession(cfg.broker, cfg.authority_id)
+        self.session = MqttSession(cfg.broker, cfg.authority_id, signing_key=self.signing_key)
         self._seen_nonces: OrderedDict[bytes, float] = OrderedDict()
         self.enrolled: set[str] = set()
 
@@ -84,11 +102,13 @@ class KeyAuthority:
         task = self.cfg.task
         self.session.send_stream(lambda seq: topics.public_context(task, seq),
                                  wire.PublicContext(context=self.public_blob, bfv_context=self.bfv_public_blob,
-                                                    max_summands=self.plan.max_agents if self.plan else 0),
+                                                    max_summands=self.plan.max_agents if self.plan else 0,
+                                                    policy=self.policy),
                                  task=task, rnd=0,
                                  chunk_size=self.cfg.chunk_size, retain=True)
-        log.info("published the public contexts (CKKS %d, BFV %d bytes; no keys, no plan) for task %s",
-                 len(self.public_blob), len(self.bfv_public_blob), task)
+        log.info("published the public contexts (CKKS %d, BFV %d bytes; no keys, no plan) and the signed policy "
+                 "(%s, p=%s, min %d agents) for task %s", len(self.public_blob), len(self.bfv_public_blob),
+                 self.policy.protection.scheme, self.policy.protection.p, self.policy.min_agents, task)
 
     def serve(self, stop=None) -> None:
         while stop is None or not stop.is_set():
@@ -114,14 +134,15 @@ class KeyAuthority:
 
     def _enroll(self, env: wire.Envelope, req: wire.EnrollRequest) -> None:
         agent, task = env.sender, self.cfg.task
-        if abs(time.time() - env.ts) > self.cfg.max_clock_skew_s:
-            raise wire.WireError(f"enrollment from {agent!r} is stale or from the future (ts {env.ts:.0f})")
+        if abs(time.time() - req.ts) > self.cfg.max_clock_skew_s:
+            raise wire.WireError(f"enrollment from {agent!r} is stale or from the future (ts {req.ts:.0f})")
         if req.nonce in self._seen_nonces:
             raise wire.WireError(f"replayed enrollment from {agent!r}")
-        self._remember(req.nonce)
         credential = self.cfg.credentials.get(agent)
         expected = enrollment_proof(credential.get_secret_value() if credential else "",
-                                    task, agent, req.public_key, req.nonce)
+                                    task, agent, req.public_key, req.nonce, req.ts)
+        if credential is not None and proof_matches(expected, req.proof):
+            self._remember(req.nonce)  # only proven requests fill the replay cache
         if credential is None or not proof_matches(expected, req.proof):
             log.warning("refused enrollment of %r: unknown agent or wrong credential", agent)
             self.session.send(topics.agent_key(task, agent, 0),
@@ -129,8 +150,9 @@ class KeyAuthority:
                               task=task, rnd=0)
             return
         box: SealedBox = seal(req.public_key, self.secret_blob, agent_box_info(task, agent))
+        mac = grant_mac(credential.get_secret_value(), task, agent, req.public_key, req.nonce, box.ciphertext)
         grant = wire.KeyGrant(request_nonce=req.nonce, ephemeral_key=box.ephemeral_key,
-                              aead_nonce=box.nonce, sealed_context=box.ciphertext)
+                              aead_nonce=box.nonce, sealed_context=box.ciphertext, mac=mac)
         self.session.send_stream(lambda seq: topics.agent_key(task, agent, seq), grant, task=task, rnd=0,
                                  chunk_size=self.cfg.chunk_size)
         self.enrolled.add(agent)
@@ -149,11 +171,11 @@ class KeyAuthority:
         self.session.close()
 
 
-def run(cfg: KeyAuthorityConfig) -> None:
+def run(cfg: KeyAuthorityConfig, config_path: Path | None = None) -> None:
     stop = stop_event()
     try:
-        ka = KeyAuthority(cfg)
-    except PlanError as exc:
+        ka = KeyAuthority(cfg, config_path)
+    except (PlanError, StartError) as exc:
         log.error("refusing to start: %s", exc)
         raise SystemExit(2) from None
     ka.start()

@@ -9,12 +9,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from fedmq.runtime import config as cfgmod
 from fedmq.tools.local_cluster import Cluster, free_port
-from tests.conftest import decrypted_average, plaintext_fedavg
 
 pytestmark = pytest.mark.slow
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 _LABEL = b"fedmq-seal-v1"
 _ENROLL_LABEL = b"fedmq-enroll-v1"
+_GRANT_LABEL = b"fedmq-grant-v1"
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,26 @@ def open_box(private: X25519PrivateKey, box: SealedBox, info: bytes) -> bytes:
     return AESGCM(_key(shared, info)).decrypt(box.nonce, box.ciphertext, info)
 
 
-def enrollment_proof(credential: str, task: str, agent: str, public_key: bytes, nonce: bytes) -> bytes:
+def enrollment_proof(credential: str, task: str, agent: str, public_key: bytes, nonce: bytes, ts: float) -> bytes:
     """HMAC proving knowledge of the agent's credential without sending it.
 
     It binds the request's X25519 key: a replayed request can only ever obtain a
-    box sealed to the original requester, which the replayer cannot open.
+    box sealed to the original requester, which the replayer cannot open. The
+    timestamp is inside it, so the clock-skew check cannot be dodged by re-dating.
     """
-    msg = b"|".join([_ENROLL_LABEL, task.encode(), agent.encode(), public_key, nonce])
+    msg = b"|".join([_ENROLL_LABEL, task.encode(), agent.encode(), public_key, nonce, repr(float(ts)).encode()])
     return hmac.new(credential.encode(), msg, hashlib.sha256).digest()
 
 
 def proof_matches(expected: bytes, received: bytes) -> bool:
     return hmac.compare_digest(expected, received)
+
+
+def grant_mac(credential: str, task: str, agent: str, public_key: bytes, nonce: bytes, sealed: bytes) -> bytes:
+    """The key authority's proof, on a grant, that it knows the agent's credential:
+    HMAC under a key derived from the credential (HKDF, its own label — never the
+    enrollment proof's key), over the task, agent, request key, nonce and the
+    sealed box. A forged grant needs the credential as well as the signing key."""
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_GRANT_LABEL).derive(credential.encode())
+    msg = b"|".join([_GRANT_LABEL, task.encode(), agent.encode(), public_key, nonce, hashlib.sha256(sealed).digest()])
+    return hmac.new(key, msg, hashlib.sha256).digest()

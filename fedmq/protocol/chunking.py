@@ -14,32 +14,40 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedmq import PROTOCOL_VERSION
+from fedmq.privacy import signing
 from fedmq.protocol.wire import Envelope, WireError, digest
 
 StreamKey = tuple[str, int, str]  # kind, round, sender
 MAX_STREAMS_PER_SENDER = 4
 
 
-def split(kind: str, task: str, rnd: int, sender: str, body: bytes, chunk_size: int) -> list[Envelope]:
-    """Cut ``body`` into envelopes of at most ``chunk_size`` payload bytes."""
+def split(kind: str, task: str, rnd: int, sender: str, body: bytes, chunk_size: int,
+          signing_key: Ed25519PrivateKey | None = None) -> list[Envelope]:
+    """Cut ``body`` into envelopes of at most ``chunk_size`` payload bytes; with a
+    ``signing_key`` every chunk carries the stream's signature."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     whole = digest(body)
     pieces = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)] or [b""]
     now = time.time()
+    sig = signing.sign(signing_key, PROTOCOL_VERSION, kind, task, rnd, sender, whole) if signing_key else b""
     return [
         Envelope(kind=kind, task=task, round=rnd, sender=sender, seq=i, total=len(pieces),
-                 digest=whole, body=piece, ts=now)
+                 digest=whole, body=piece, ts=now, sig=sig)
         for i, piece in enumerate(pieces)
     ]
 
 
-def single(msg: object, *, task: str, rnd: int, sender: str) -> Envelope:
+def single(msg: object, *, task: str, rnd: int, sender: str,
+           signing_key: Ed25519PrivateKey | None = None) -> Envelope:
     """A small message as a stream of exactly one chunk."""
     from fedmq.protocol.wire import encode_body
 
     kind, body = encode_body(msg)
-    return split(kind, task, rnd, sender, body, max(len(body), 1))[0]
+    return split(kind, task, rnd, sender, body, max(len(body), 1), signing_key)[0]
 
 
 class PartStore(Protocol):

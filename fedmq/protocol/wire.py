@@ -24,6 +24,7 @@ from pydantic import ConfigDict, Field, Strict, StringConstraints, TypeAdapter, 
 from pydantic.dataclasses import dataclass as message
 
 from fedmq import PROTOCOL_VERSION
+from fedmq.privacy import signing
 from fedmq.protocol.topics import ID_PATTERN, TopicInfo
 
 DIGEST_BYTES = 32
@@ -70,6 +71,9 @@ class Envelope:
     body: bytes
     ts: float = dataclasses.field(default_factory=time.time)
     v: int = PROTOCOL_VERSION
+    # Ed25519 signature of the stream (fedmq.privacy.signing), the same on every chunk;
+    # empty for what agents send. Checked by the receiver with check_signature.
+    sig: bytes = b""
 
 
 _ENVELOPE_KEYS = {f.name for f in dataclasses.fields(Envelope)}
@@ -87,6 +91,7 @@ class _EnvelopeSchema:
     digest: Digest
     body: Bytes
     ts: FiniteFloat
+    sig: Annotated[bytes, Strict(), Field(max_length=64)]
 
 
 _ENVELOPE_ADAPTER = TypeAdapter(_EnvelopeSchema)
@@ -120,6 +125,14 @@ def decode_envelope(payload: bytes, *, max_bytes: int) -> Envelope:
     if checked.seq >= checked.total:
         raise WireError(f"chunk seq {checked.seq} outside total {checked.total}")
     return Envelope(**dataclasses.asdict(checked))
+
+
+def check_signature(env: Envelope, public: bytes, who: str) -> None:
+    """Raise WireError unless ``env`` carries ``who``'s signature over its stream."""
+    try:
+        signing.verify(public, env.sig, env.v, env.kind, env.task, env.round, env.sender, env.digest, who)
+    except signing.SignatureError as exc:
+        raise WireError(str(exc)) from None
 
 
 def check_against_topic(env: Envelope, info: TopicInfo, *, task: str) -> None:
@@ -286,24 +299,43 @@ class ResendRequest:
 class EnrollRequest:
     public_key: _fixed_bytes(32)
     nonce: _fixed_bytes(16)
-    proof: Digest
+    proof: Digest  # sealing.enrollment_proof over task, agent, public_key, nonce and ts
+    ts: FiniteFloat
+
+
+@message(config=_STRICT)
+class Policy:
+    """The task's rules, set by the key authority and sealed with the keys: agents
+    refuse a round start that departs from them, so the aggregator — the party HE
+    hides updates from — cannot downgrade protection, pick the random mask's seed,
+    shrink the quorum to isolate one update, or be impersonated."""
+
+    protection: Protection
+    min_agents: PosInt  # no round with fewer selected agents or a smaller quorum
+    max_samples: PosInt  # an update declaring more samples is rejected by the aggregator
+    aggregator_key: _fixed_bytes(32)  # Ed25519: the aggregator's signature on starts, results, resends
 
 
 @message(config=_STRICT)
 class SealedKeys:
-    """What a key grant seals: the secret HE contexts and the quantization plan."""
+    """What a key grant seals: the secret HE contexts, the quantization plan and the policy."""
 
     ckks: Bytes
     bfv: Bytes = b""
     plan: dict | None = None
+    policy: Policy | None = None
 
 
 @message(config=_STRICT)
 class KeyGrant:
+    """Signed by the key authority; ``mac`` also proves it knows the agent's
+    credential (``sealing.grant_mac``), bound to task, agent, request key and nonce."""
+
     request_nonce: _fixed_bytes(16)
     ephemeral_key: _fixed_bytes(32)
     aead_nonce: _fixed_bytes(12)
     sealed_context: Bytes
+    mac: Digest
 
 
 @message(config=_STRICT)
@@ -318,6 +350,7 @@ class PublicContext:
     bfv_context: Bytes = b""
     # Not secret: how many agents the quantization plan's integer lanes can sum (0: no plan).
     max_summands: NonNegInt = 0
+    policy: Policy | None = None  # the task's rules, for the aggregator to follow
 
 
 @message(config=_STRICT)

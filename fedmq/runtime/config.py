@@ -109,9 +109,26 @@ class FaultSettings(_Section):
     oracle_dir: Path | None = None  # test-only: dump plaintext updates for an exactness oracle
 
 
+# A public key in a config: 64 hex characters, or the path of the ``.pub`` file a
+# role's ``fedmq signing-key`` wrote (resolved when the role starts).
+PublicKeyRef = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
+class PolicySettings(_Section):
+    """The task's rules, sealed with the keys (agents enforce them on every round)."""
+
+    # Selective Parameter Encryption: scheme, p (0 plaintext .. 1 full), mode
+    # sensitivity|random, include_first_last, seed (random mode), plain_dtype.
+    protection: Protection = Protection()
+    min_agents: Annotated[int, Field(ge=1)] = 2  # no round with a smaller quorum or selection
+    max_samples: Annotated[int, Field(ge=1, le=1 << 40)] = 1_000_000  # per update, enforced by the aggregator
+
+
 class AgentConfig(_Section):
     agent_id: Id
     credential: SecretStr
+    # The key authority's Ed25519 public key: grants and refusals must carry its signature.
+    authority_key: PublicKeyRef | None = None
     task: Id = "digits"
     broker: BrokerEndpoint = BrokerEndpoint()
     state_dir: Path = Path("state/agent")
@@ -133,6 +150,8 @@ class AggregatorConfig(_Section):
     task: Id = "digits"
     broker: BrokerEndpoint = BrokerEndpoint()
     state_dir: Path = Path("state/aggregator")
+    authority_key: PublicKeyRef | None = None  # the key authority's: the public context must carry its signature
+    signing_key: Path | None = None  # this aggregator's Ed25519 key (default: state_dir/signing.key)
     rounds: Annotated[int, Field(ge=0)] = 5  # 0: run until stopped
     min_agents: Annotated[int, Field(ge=1)] = 2  # quorum
     max_agents: Annotated[int, Field(ge=1)] = 1000
@@ -154,12 +173,8 @@ class AggregatorConfig(_Section):
     inbox_max_bytes: Annotated[int, Field(ge=1 * KiB)] = 16 * 1024 * KiB  # inbound backlog in memory; the rest spools
     wait_for_agents_s: Annotated[float, Field(gt=0)] = 120.0
     chunk_size: Annotated[int, Field(ge=1 * KiB, le=64 * 1024 * KiB)] = 256 * KiB
-    # Selective Parameter Encryption: p (0 plaintext .. 1 full), mode sensitivity|random,
-    # include_first_last, seed (random mode), plain_dtype float32|float16.
-    protection: Protection = Protection()
-    # An update declaring more samples is rejected: one agent must not outweigh the
-    # fleet (nor overflow the summed weight).
-    max_samples_per_agent: Annotated[int, Field(ge=1, le=1 << 40)] = 1_000_000
+    # The task's protection comes from the key authority's policy; set here, it must match it.
+    protection: Protection | None = None
     max_message_bytes: Annotated[int, Field(ge=2 * KiB)] = 1024 * KiB
     max_update_bytes: Annotated[int, Field(ge=1 * KiB)] = 2 * 1024 * 1024 * KiB
 
@@ -169,6 +184,9 @@ class KeyAuthorityConfig(_Section):
     task: Id = "digits"
     broker: BrokerEndpoint = BrokerEndpoint()
     state_dir: Path = Path("state/keyauthority")
+    signing_key: Path | None = None  # Ed25519 key signing what it issues (default: state_dir/signing.key)
+    aggregator_key: PublicKeyRef | None = None  # the aggregator's public key, sealed into the policy
+    policy: PolicySettings = PolicySettings()
     he: HeSettings = HeSettings()
     bfv: BfvSettings = BfvSettings()
     quantization: QuantizationSettings | None = None  # the plan for quantize / quantize+he tasks

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmq.protocol import wire
 from fedmq.protocol.chunking import single, split
@@ -123,7 +124,8 @@ class _JitteredClient(mqtt.Client):
 class MqttSession:
     def __init__(self, endpoint: BrokerEndpoint, client_id: str, *,
                  will: tuple[str, bytes] | None = None, manual_ack: bool = False,
-                 inbox_max_bytes: int | None = None, spool_dir: Path | None = None) -> None:
+                 inbox_max_bytes: int | None = None, spool_dir: Path | None = None,
+                 signing_key: Ed25519PrivateKey | None = None) -> None:
         """``manual_ack``: a QoS 1 message is acknowledged only when the role calls
         :meth:`ack` after handling it. The broker then never has more than its
         in-flight window outstanding to us — backpressure instead of an unbounded
@@ -132,6 +134,7 @@ class MqttSession:
         self.endpoint = endpoint
         self.client_id = client_id
         self.inbox = SpillingInbox(inbox_max_bytes, spool_dir)
+        self.signing_key = signing_key  # signs every stream this session sends (key authority, aggregator)
         self._manual_ack = manual_ack
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -278,7 +281,7 @@ class MqttSession:
 
     def send(self, topic: str, msg: object, *, task: str, rnd: int, retain: bool = False) -> mqtt.MQTTMessageInfo:
         """Publish a one-chunk message body in an envelope."""
-        env = single(msg, task=task, rnd=rnd, sender=self.client_id)
+        env = single(msg, task=task, rnd=rnd, sender=self.client_id, signing_key=self.signing_key)
         return self.publish(topic, wire.encode_envelope(env), retain=retain)
 
     def send_stream(self, topic_of, msg: object, *, task: str, rnd: int, chunk_size: int,
@@ -294,7 +297,7 @@ class MqttSession:
         SIGTERM must not wait for a broker that is down."""
         kind, body = encoded or wire.encode_body(msg)
         sent, infos = 0, []
-        for env in split(kind, task, rnd, self.client_id, body, chunk_size):
+        for env in split(kind, task, rnd, self.client_id, body, chunk_size, self.signing_key):
             if only is not None and env.seq not in only:
                 continue
             payload = wire.encode_envelope(env)

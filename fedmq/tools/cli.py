@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from enum import Enum
 from typing import Optional
 
 import typer
@@ -71,7 +72,7 @@ def keyauthority(config: Path = typer.Option(..., "--config", help="Key authorit
     configure("keyauthority", log_level)
     from keyauthority.service import run
 
-    run(_load(cfgmod.KeyAuthorityConfig, config))
+    run(_load(cfgmod.KeyAuthorityConfig, config), config_path=config)
 
 
 @app.command()
@@ -81,7 +82,7 @@ def aggregator(config: Path = typer.Option(..., "--config", help="Aggregator YAM
     configure("aggregator", log_level)
     from aggregator.service import run
 
-    run(_load(cfgmod.AggregatorConfig, config))
+    raise typer.Exit(run(_load(cfgmod.AggregatorConfig, config), config_path=config))
 
 
 @app.command()
@@ -93,6 +94,30 @@ def agent(config: Path = typer.Option(..., "--config", help="Agent YAML."),
     from agent.service import run
 
     raise typer.Exit(run(cfg, config_path=config))
+
+
+class SigningRole(str, Enum):
+    keyauthority = "keyauthority"
+    aggregator = "aggregator"
+
+
+@app.command("signing-key")
+def signing_key(role: SigningRole = typer.Argument(..., help="Whose key: keyauthority or aggregator."),
+                config: Path = typer.Option(..., "--config", help="That role's YAML.")) -> None:
+    """Create the role's Ed25519 signing key (if it has none) and print its public key.
+
+    Give the key authority's to the agents and the aggregator (authority_key:) and the
+    aggregator's to the key authority (aggregator_key:), as hex or as the path of the
+    .pub file written beside the key."""
+    from fedmq.privacy import signing
+
+    model = cfgmod.KeyAuthorityConfig if role is SigningRole.keyauthority else cfgmod.AggregatorConfig
+    cfg = _load(model, config)
+    path = cfg.signing_key or Path(cfg.state_dir) / "signing.key"
+    key = signing.load_or_create(path)
+    typer.echo(signing.public_bytes(key).hex())
+    typer.echo(f"# {role.value} signing key {path} (0600); public key also in {signing.public_path(path)}",
+               err=True)
 
 
 @app.command("install-unit")

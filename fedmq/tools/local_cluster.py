@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmq.runtime import config as cfgmod
+from fedmq.privacy import signing
 from fedmq.protocol import topics, wire
 from fedmq.protocol.chunking import Reassembler
 from fedmq.runtime.mqtt_session import MqttSession
@@ -85,20 +86,30 @@ class Cluster:
         ensure_private_dir(self.workdir / "configs")
         endpoint = cfgmod.BrokerEndpoint(port=self.port)
         creds = {a: secrets.token_urlsafe(24) for a in self.agent_ids}
+        # The signing keys are made first: each role's config names the other's public key.
+        authority_key = signing.public_bytes(signing.load_or_create(self.authority_key_file)).hex()
+        aggregator_key = signing.public_bytes(
+            signing.load_or_create(self.workdir / "state/aggregator/signing.key")).hex()
         self._write("keyauthority", cfgmod.KeyAuthorityConfig(
             task=TASK, broker=endpoint, state_dir=self.workdir / "state/keyauthority", credentials=creds,
-            quantization=self.quantization))
+            quantization=self.quantization, aggregator_key=aggregator_key,
+            policy=cfgmod.PolicySettings(protection=self.protection, min_agents=min_agents)))
         self._write("aggregator", cfgmod.AggregatorConfig(
             task=TASK, broker=endpoint, state_dir=self.workdir / "state/aggregator", rounds=self.rounds,
             min_agents=min_agents, target_agents=self.target_agents or self.n_agents, selection_grace_s=self.selection_grace_s,
             round_timeout_s=self.round_timeout_s, offline_grace_s=self.offline_grace_s, chunk_size=self.chunk_size,
-            protection=self.protection, **self.aggregator_overrides))
+            authority_key=authority_key, **self.aggregator_overrides))
         for i, a in enumerate(self.agent_ids):
-            raw = dict(agent_id=a, credential=creds[a], task=TASK, broker=endpoint,
+            raw = dict(agent_id=a, credential=creds[a], task=TASK, broker=endpoint, authority_key=authority_key,
                        state_dir=self.workdir / f"state/{a}", chunk_size=self.chunk_size,
                        data=cfgmod.DataSettings(shard=i, num_shards=self.n_agents))
             raw.update(self.agent_overrides.get(a, {}))
             self._write(a, cfgmod.AgentConfig(**raw))
+
+    @property
+    def authority_key_file(self) -> Path:
+        """The key authority's signing key (tests use it to play a forger who has it, or not)."""
+        return self.workdir / "state/keyauthority/signing.key"
 
     def config_path(self, name: str) -> Path:
         return self.workdir / "configs" / f"{name}.yaml"

@@ -1,0 +1,122 @@
+"""Folding: a completed update is verified (layout, packing, finite values) and
+added to the round's running homomorphic sum in one store transaction; a fold
+that fails half-way restores the committed sum."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from fedmq.privacy import he
+from fedmq.protocol import update_stream, wire
+from fedmq.protocol.chunking import Completed
+from fedmq.privacy.aggregation import RoundSum
+
+from aggregator.round_state import Rejected, RoundState
+
+log = logging.getLogger("fedmq.aggregator")
+
+
+class Folding:
+    """Verify a whole update, then fold it into the running sum."""
+
+    def _fold(self, done: Completed) -> None:
+        """Verify a whole update and fold it into the running sum (one transaction)."""
+        st, env = self.state, done.envelope
+        nbytes, parts = done.size, done.parts
+        limit = self.cfg.max_update_bytes
+        streamed = not self.sum.quantized
+        if streamed:  # CKKS: validated, then folded ciphertext by ciphertext straight off disk
+            update, count = update_stream.read_update(parts, limit)
+        else:  # quantized updates are small (a few bytes per parameter): decoded whole
+            update = wire.decode_body("update", b"".join(parts()))
+        if update.num_samples > self.max_samples:
+            raise Rejected(f"{env.sender} declares {update.num_samples} samples, over the policy's "
+                           f"max_samples bound of {self.max_samples}")
+        plain = self._check_layout(st, update)
+        t0 = time.perf_counter()
+        try:
+            if streamed:
+                self.sum.fold_stream(update, count, update_stream.iter_ciphertexts(parts, limit), plain)
+            else:
+                self.sum.fold(update, plain, consume=True)
+        except (he.HEError, wire.WireError):
+            if self.sum.corrupt:  # half-added: back to the sum as last committed
+                saved = self.store.load()
+                self.sum = self._stored_sum(saved[2]) if saved and saved[2] \
+                    else RoundSum(quantized=self.sum.quantized, ckks=self.ctx, bfv=self.bfv_ctx)
+            raise
+        st.record(env.sender, update.num_samples, time.time())
+        self.code_layout = [(len(c) // w, w) for c, w in zip(update.codes, update.code_widths)]
+        self.store.fold(st, {"n_encrypted": update.n_encrypted, "code_layout": self.code_layout},
+                        self.sum.meta_bytes(), self.sum.serialized_ciphertexts())
+        self.agg_s += time.perf_counter() - t0
+        self.n_params, self.n_encrypted = update.n_params, update.n_encrypted
+        if st.purpose == "train" and self.mask_digest is None and update.mask_digest is not None:
+            self.mask_digest = update.mask_digest
+            log.info("task mask fixed by the first verified update: digest %s", update.mask_digest.hex()[:16])
+        self.bytes_received += nbytes
+        self.metrics.updates.inc()
+        log.info("round %d: folded %s's update (%d samples, %d bytes); %d/%d reported",
+                 st.round, env.sender, update.num_samples, nbytes, len(st.weights), len(st.selected))
+
+    def _check_layout(self, st: RoundState, update: wire.Update) -> np.ndarray:
+        """Reject an update whose packing or mask does not fit the task; returns its plaintext part."""
+        if self.n_params is not None and update.n_params != self.n_params:
+            raise Rejected(f"update packs {update.n_params} parameters; the model has {self.n_params}")
+        if update.n_encrypted > update.n_params:
+            raise Rejected(f"{update.n_encrypted} encrypted values exceed the {update.n_params} parameters")
+        prot = self.protection
+        if st.purpose == "sensitivity":
+            if update.n_encrypted != update.n_params:
+                raise Rejected("a sensitivity map must travel fully encrypted")
+        elif prot.scheme != "ckks":
+            self._check_quantized_layout(update)
+            return np.zeros(0)
+        else:
+            if prot.p in (0.0, 1.0) and update.n_encrypted != round(prot.p * update.n_params):
+                raise Rejected(f"{update.n_encrypted} encrypted values where p={prot.p} means "
+                               f"{round(prot.p * update.n_params)}")
+            if self.mask_digest is not None and update.mask_digest != self.mask_digest:
+                got = update.mask_digest.hex()[:16] if update.mask_digest else "none"
+                raise Rejected(f"mask digest {got} differs from the task's mask {self.mask_digest.hex()[:16]}")
+            if update.plain_dtype != prot.plain_dtype:
+                raise Rejected(f"plaintext part is {update.plain_dtype}; the task sends {prot.plain_dtype}")
+        if self.n_encrypted is not None and update.n_encrypted != self.n_encrypted:
+            raise Rejected(f"{update.n_encrypted} encrypted values; this round's updates have {self.n_encrypted}")
+        dtype = np.dtype(update.plain_dtype).newbyteorder("<")
+        expected = (update.n_params - update.n_encrypted) * dtype.itemsize
+        if len(update.plain) != expected:
+            raise Rejected(f"wrong packing length: plaintext part has {len(update.plain)} bytes, "
+                           f"expected {expected}")
+        plain = np.frombuffer(update.plain, dtype=dtype)
+        if not np.isfinite(plain).all():
+            raise Rejected("plaintext part holds NaN or infinity")
+        return plain
+
+    def _check_quantized_layout(self, update: wire.Update) -> None:
+        """Integer codes: segments consistent with the round's first update, nothing in float."""
+        prot = self.protection
+        if update.plain:
+            raise Rejected("a quantized update carries no float part")
+        if prot.scheme == "quantize" and (update.n_encrypted or update.ciphertexts):
+            raise Rejected("scheme 'quantize' sends no ciphertexts")
+        if prot.scheme == "quantize+he" and self.bfv_ctx is None:
+            raise Rejected("no BFV parameters from the key authority yet")
+        if len(update.codes) != len(update.code_widths):
+            raise Rejected(f"{len(update.codes)} code segments but {len(update.code_widths)} widths")
+        lengths = []
+        for seg, width in zip(update.codes, update.code_widths):
+            if len(seg) % width:
+                raise Rejected(f"a segment of {len(seg)} bytes is not a whole number of {width}-byte codes")
+            lengths.append((len(seg) // width, width))
+        if sum(n for n, _ in lengths) + update.n_encrypted != update.n_params:
+            raise Rejected(f"wrong packing length: {sum(n for n, _ in lengths)} plain codes + "
+                           f"{update.n_encrypted} encrypted != {update.n_params} parameters")
+        if self.code_layout is not None and lengths != self.code_layout:
+            raise Rejected("code segments differ from this round's other updates")
+
+    def _stored_sum(self, meta: bytes) -> RoundSum:
+        return RoundSum.from_stored(meta, self.store.sum_ciphertexts(), ckks=self.ctx, bfv=self.bfv_ctx)

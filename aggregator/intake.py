@@ -1,0 +1,137 @@
+"""Intake: every inbound message is decoded, checked against its topic and
+handed to its handler; update chunks go to the on-disk part store (parked while
+a restarted aggregator waits for the public context), acknowledged only once
+handled; agent statuses and telemetry are recorded."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+
+from fedmq.privacy import he
+from fedmq.protocol import topics, wire
+from fedmq.runtime.mqtt_session import Inbound
+
+from aggregator.round_state import Rejected
+
+log = logging.getLogger("fedmq.aggregator")
+
+
+class Intake:
+    """Inbound messages, one handler per topic family."""
+
+    def _pump(self, stop: threading.Event, until, timeout: float | None = None,
+              park_updates: bool = False) -> bool:
+        """Handle inbound messages until ``until()`` holds; False on timeout/stop.
+
+        ``park_updates``: before the open round is restored (after a restart), update
+        chunks — which our persistent session kept for us while we were down — go
+        straight to the round store on disk, where the restore picks them up; handled
+        now they would be rejected, held unacknowledged they would block the broker's
+        in-flight window and with it the public context we are waiting for."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not until():
+            if stop.is_set() or (end is not None and time.monotonic() > end):
+                return False
+            try:
+                msg = self.session.inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if park_updates and _is_update(msg.topic):
+                self._park(msg)
+            else:
+                self.dispatch(msg)
+            self.session.ack(msg)  # only now: a chunk is on disk before the broker forgets it
+        return True
+
+    def _park(self, msg: Inbound) -> None:
+        try:
+            env = wire.decode_envelope(msg.payload, max_bytes=self.cfg.max_message_bytes)
+            wire.check_against_topic(env, topics.parse(msg.topic), task=self.task)
+        except ValueError as exc:
+            log.warning("rejected %s: %s", msg.topic, exc)
+            return
+        self.store.add_chunk(env, msg.payload)
+
+    def dispatch(self, msg: Inbound) -> None:
+        try:
+            info = topics.parse(msg.topic)
+            if msg.payload == b"":
+                return  # a retained message being cleared
+            env = wire.decode_envelope(msg.payload, max_bytes=self.cfg.max_message_bytes)
+            wire.check_against_topic(env, info, task=self.task)
+            handler = {"update": self._on_update_chunk, "status": self._on_status,
+                       "public_context": self._on_public_context, "telemetry": self._on_telemetry}.get(info.family)
+            if handler is None:
+                raise wire.WireError(f"aggregator does not consume {info.family} messages")
+            self._inbound_bytes = len(msg.payload)
+            handler(env)
+        except (ValueError, Rejected, he.HEError) as exc:  # WireError is a ValueError
+            self.metrics.rejected.inc()
+            log.warning("rejected %s: %s", msg.topic, exc)
+
+    def _on_telemetry(self, env: wire.Envelope) -> None:
+        tele: wire.Telemetry = wire.decode_body(env.kind, env.body)
+        self.telemetry.record(env.round, env.sender, tele)
+        self._telemetry_seen.add((env.round, env.sender))
+        self.metrics.telemetry(env.sender, tele)
+
+    def _on_public_context(self, env: wire.Envelope) -> None:
+        wire.check_signature(env, self.authority_key, "the key authority")
+        done = self._context_chunks.add(env)
+        if done is None:
+            return
+        body: wire.PublicContext = wire.decode_body(done.kind, done.body)
+        ctx = he.load_context(body.context)
+        bfv = he.load_context(body.bfv_context) if body.bfv_context else None
+        if ctx.is_private() or (bfv is not None and bfv.is_private()):
+            # Refuse to hold a secret key even if someone publishes one.
+            raise wire.WireError("the 'public' context carries a secret key; refusing it")
+        if body.policy is None:
+            raise wire.WireError("the public context carries no task policy")
+        self.apply_policy(body.policy)
+        self.ctx, self.bfv_ctx = ctx, bfv
+        self.max_summands = body.max_summands
+        log.info("loaded the public CKKS context %s%s", he.params_of(ctx), " and BFV parameters" if bfv else "")
+
+    def _on_status(self, env: wire.Envelope) -> None:
+        body: wire.AgentStatus = wire.decode_body(env.kind, env.body)
+        if body.state == "online":
+            back = env.sender in self.gone
+            self.online.add(env.sender)
+            self.gone.discard(env.sender)
+            if self.state:
+                self.state.mark_online(env.sender)
+                st = self.state
+                in_progress = self.chunks.missing("update", st.round, env.sender) is not None
+                if (back or in_progress) and not st.closed and env.sender in st.selected \
+                        and env.sender not in st.weights:
+                    # It reconnected (or restarted: then no last will reached us) mid-round: resume its upload.
+                    self._ask_for_missing(env.sender)
+        else:
+            self.online.discard(env.sender)
+            self.gone.add(env.sender)
+            if self.state:
+                self.state.mark_offline(env.sender, time.time())
+        self.metrics.agents_online.set(len(self.online))
+        log.info("agent %s is %s (%d online)", env.sender, body.state, len(self.online))
+
+    def _on_update_chunk(self, env: wire.Envelope) -> None:
+        st = self.state
+        if st is None or env.round != st.round:
+            raise Rejected(f"chunk for round {env.round}, which is not open")
+        st.check(env.sender, time.time())
+        done = self.chunks.add(env)
+        self.telemetry.add_upload(env.round, env.sender, self._inbound_bytes)
+        self.metrics.update_bytes.inc(self._inbound_bytes)
+        if done is not None:
+            self._fold(done)
+
+def _is_update(topic: str) -> bool:
+    try:
+        return topics.parse(topic).family == "update"
+    except ValueError:
+        return False
