@@ -23,19 +23,60 @@ class Folding:
     """Verify a whole update, then fold it into the running sum."""
 
     def _fold(self, done: Completed) -> None:
-        """Verify a whole update and fold it into the running sum (one transaction)."""
+        """Verify a whole update; fold it once the round's layout is agreed.
+
+        The layout (parameter count, how many values are encrypted, the mask digest,
+        the code segments) is never taken from the first update: a hostile agent's
+        10-parameter update would lock every honest agent out. Until ``quorum``
+        updates agree on one layout, completed updates are held (their chunks stay
+        on disk, so a restart finds them again); the agreeing ones are then folded
+        and the others rejected."""
         st, env = self.state, done.envelope
-        nbytes, parts = done.size, done.parts
         limit = self.cfg.max_update_bytes
-        streamed = not self.sum.quantized
-        if streamed:  # CKKS: validated, then folded ciphertext by ciphertext straight off disk
-            update, count = update_stream.read_update(parts, limit)
+        if not self.sum.quantized:  # CKKS: validated without its ciphertexts; folded straight off disk later
+            update, count = update_stream.read_update(done.parts, limit)
         else:  # quantized updates are small (a few bytes per parameter): decoded whole
-            update = wire.decode_body("update", b"".join(parts()))
+            update, count = wire.decode_body("update", b"".join(done.parts())), 0
         if update.num_samples > self.max_samples:
             raise Rejected(f"{env.sender} declares {update.num_samples} samples, over the policy's "
                            f"max_samples bound of {self.max_samples}")
         plain = self._check_layout(st, update)
+        key = _layout_key(update)
+        if self.n_encrypted is not None:  # agreed earlier this round
+            if key != self._agreed_key:
+                raise Rejected(f"{env.sender}'s update has layout {_describe(key)}; the round agreed on "
+                               f"{_describe(self._agreed_key)}")
+            self._fold_now(done, update, count, plain)
+            return
+        if any(h[0].sender == env.sender for group in self._held.values() for h in group):
+            raise Rejected(f"{env.sender} already has a complete update waiting in round {st.round}")
+        group = self._held.setdefault(key, [])
+        group.append((done, update, count, plain))
+        if len(group) < st.quorum:
+            log.info("round %d: %s's update held until %d update(s) agree on its layout (%s): %d so far",
+                     st.round, env.sender, st.quorum, _describe(key), len(group))
+            return
+        held, self._held = self._held, {}
+        self._agreed_key = key
+        log.info("round %d: layout %s agreed by %d updates", st.round, _describe(key), len(group))
+        for other, entries in held.items():
+            if other != key:
+                for d, *_ in entries:
+                    self.metrics.rejected.inc()
+                    log.warning("rejected %s's round-%d update: layout %s, the round agreed on %s", d.sender,
+                                st.round, _describe(other), _describe(key))
+        for d, u, c, pl in group:
+            try:
+                self._fold_now(d, u, c, pl)
+            except (ValueError, Rejected, he.HEError) as exc:
+                self.metrics.rejected.inc()
+                log.warning("rejected %s's round-%d update: %s", d.sender, st.round, exc)
+
+    def _fold_now(self, done: Completed, update: wire.Update, count: int, plain: np.ndarray) -> None:
+        """Fold a verified update into the running sum (one store transaction)."""
+        st, env = self.state, done.envelope
+        nbytes, parts, limit = done.size, done.parts, self.cfg.max_update_bytes
+        streamed = not self.sum.quantized
         t0 = time.perf_counter()
         try:
             if streamed:
@@ -50,13 +91,15 @@ class Folding:
             raise
         st.record(env.sender, update.num_samples, time.time())
         self.code_layout = [(len(c) // w, w) for c, w in zip(update.codes, update.code_widths)]
-        self.store.fold(st, {"n_encrypted": update.n_encrypted, "code_layout": self.code_layout},
+        self.store.fold(st, {"n_encrypted": update.n_encrypted, "code_layout": self.code_layout,
+                             "agreed": layout_to_json(_layout_key(update))},
                         self.sum.meta_bytes(), self.sum.serialized_ciphertexts())
         self.agg_s += time.perf_counter() - t0
         self.n_params, self.n_encrypted = update.n_params, update.n_encrypted
+        self._agreed_key = _layout_key(update)
         if st.purpose == "train" and self.mask_digest is None and update.mask_digest is not None:
             self.mask_digest = update.mask_digest
-            log.info("task mask fixed by the first verified update: digest %s", update.mask_digest.hex()[:16])
+            log.info("task mask fixed by a quorum of verified updates: digest %s", update.mask_digest.hex()[:16])
         self.bytes_received += nbytes
         self.metrics.updates.inc()
         log.info("round %d: folded %s's update (%d samples, %d bytes); %d/%d reported",
@@ -120,3 +163,25 @@ class Folding:
 
     def _stored_sum(self, meta: bytes) -> RoundSum:
         return RoundSum.from_stored(meta, self.store.sum_ciphertexts(), ckks=self.ctx, bfv=self.bfv_ctx)
+
+
+def _layout_key(update: wire.Update) -> tuple:
+    """What every update of a round must share."""
+    return (update.n_params, update.n_encrypted, update.mask_digest, update.plain_dtype,
+            tuple((len(c) // w, w) for c, w in zip(update.codes, update.code_widths)))
+
+
+def _describe(key: tuple) -> str:
+    n_params, n_encrypted, digest, dtype, codes = key
+    return (f"{n_params} params, {n_encrypted} encrypted, mask {digest.hex()[:12] if digest else 'none'}"
+            + (f", {len(codes)} code segments" if codes else f", {dtype}"))
+
+
+def layout_to_json(key: tuple) -> list:
+    n_params, n_encrypted, digest, dtype, codes = key
+    return [n_params, n_encrypted, digest.hex() if digest else None, dtype, [list(c) for c in codes]]
+
+
+def layout_from_json(raw: list) -> tuple:
+    n_params, n_encrypted, digest, dtype, codes = raw
+    return (n_params, n_encrypted, bytes.fromhex(digest) if digest else None, dtype, tuple(tuple(c) for c in codes))

@@ -80,6 +80,7 @@ class RoundLifecycle:
         self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline, purpose=purpose,
                                 offline_grace_s=self.cfg.offline_grace_s)
         self.n_encrypted, self.code_layout, self.bytes_received, self.agg_s = None, None, 0, 0.0
+        self._held, self._agreed_key = {}, None
         self.sum = RoundSum(quantized=self.protection.scheme != "ckks" and purpose == "train",
                             ckks=self.ctx, bfv=self.bfv_ctx)
         start = wire.RoundStart(model_version=self.model_version, deadline=deadline, selected=selected,

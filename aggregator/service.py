@@ -25,7 +25,7 @@ from fedmq.runtime.signals import stop_event
 from fedmq.runtime.telemetry_db import TelemetryDB
 
 from aggregator.round_state import Rejected, RoundState
-from aggregator.folding import Folding
+from aggregator.folding import Folding, layout_from_json
 from aggregator.intake import Intake
 from aggregator.lifecycle import RoundLifecycle
 from aggregator.metrics import Metrics
@@ -66,7 +66,9 @@ class Aggregator(Intake, Folding, RoundLifecycle):
         self.state: RoundState | None = None
         self.sum: RoundSum | None = None  # the open round's running sum
         self.code_layout: list[tuple[int, int]] | None = None  # (codes, width) per segment of the open round
-        self.n_encrypted: int | None = None  # layout of the open round, set by its first update
+        self.n_encrypted: int | None = None  # layout of the open round, once a quorum of updates agreed on it
+        self._agreed_key: tuple | None = None
+        self._held: dict[tuple, list] = {}  # layout -> completed updates waiting for a quorum to agree
         self.protection = cfg.protection or wire.Protection()  # replaced by the policy's
         self.max_samples = 1_000_000  # per update; the policy's bound once it arrives
         self._saved: dict = {}
@@ -206,6 +208,7 @@ class Aggregator(Intake, Folding, RoundLifecycle):
         self.state = st
         self.n_encrypted = layout.get("n_encrypted")
         self.code_layout = [tuple(x) for x in layout["code_layout"]] if layout.get("code_layout") else None
+        self._held, self._agreed_key = {}, layout_from_json(layout["agreed"]) if layout.get("agreed") else None
         quantized = self.protection.scheme != "ckks" and st.purpose == "train"
         self.sum = self._stored_sum(blob) if blob else \
             RoundSum(quantized=quantized, ckks=self.ctx, bfv=self.bfv_ctx)

@@ -77,7 +77,7 @@ def test_state_dir_of_another_agent_is_refused(tmp_path):
     (state / "agent_id").write_text("agent-1\n")
     conf = tmp_path / "agent-2.yaml"
     conf.write_text(f"agent_id: agent-2\ncredential: abcdefghijklmnopqrstuvwx\nstate_dir: {state}\n"
-                    f"broker: {{port: {free_port()}}}\n")
+                    f"authority_key: {'ab' * 32}\nbroker: {{port: {free_port()}}}\n")
     conf.chmod(0o600)
     run = subprocess.run([sys.executable, "-m", "fedmq", "agent", "--config", str(conf)], capture_output=True,
                          text=True, timeout=60)

@@ -6,7 +6,7 @@ import pytest
 
 from fedmq.tools.bench import accuracy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def test_accuracy_bench_small(tmp_path):

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_smoke_scenario_passes_with_every_fault_applied(tmp_path):
     from tests.conftest import mosquitto_binary
 

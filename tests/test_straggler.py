@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import decrypted_average, plaintext_fedavg
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def test_straggler_after_deadline(cluster_factory):
