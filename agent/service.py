@@ -92,6 +92,9 @@ class Agent(Enrollment, RoundWork, Results):
         stop = self._stop = stop or threading.Event()
         s = self.session
         ensure_private_dir(Path(self.cfg.state_dir))
+        if self.cfg.faults.oracle_dir is not None:
+            log.warning("%s: TEST MODE: plaintext updates are written to %s (faults.oracle_dir); this defeats "
+                        "every protection and must never run on a real device", self.id, self.cfg.faults.oracle_dir)
         self._resolve_authority_key()
         self._claim_state_dir()
         self._load_state()
@@ -146,12 +149,17 @@ class Agent(Enrollment, RoundWork, Results):
             log.error("%s: reload failed, keeping the running configuration:\n%s", self.id, exc)
             self.notifier.ready("reload failed; running configuration kept")
             return
-        fixed = [k for k in ("agent_id", "credential", "task", "broker", "state_dir") if getattr(new, k) != getattr(
-            self.cfg, k)]
+        fixed = [k for k in ("agent_id", "credential", "authority_key", "task", "broker", "state_dir")
+                 if getattr(new, k) != getattr(self.cfg, k)]
+        if new.faults.oracle_dir != self.cfg.faults.oracle_dir:  # never switched on (or moved) by a reload
+            fixed.append("faults.oracle_dir")
+            new = new.model_copy(update={"faults": new.faults.model_copy(
+                update={"oracle_dir": self.cfg.faults.oracle_dir,
+                        "test_plaintext_dumps": self.cfg.faults.test_plaintext_dumps})})
         if fixed:
             log.warning("%s: %s changed in %s; that takes a restart (systemctl restart)", self.id,
                         ", ".join(fixed), self.config_path)
-            new = new.model_copy(update={k: getattr(self.cfg, k) for k in fixed})
+            new = new.model_copy(update={k: getattr(self.cfg, k) for k in fixed if "." not in k})
         self.cfg = new
         self.trainer = None  # rebuilt with the new settings at the next round
         log.info("%s: configuration reloaded from %s", self.id, self.config_path)

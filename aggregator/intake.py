@@ -12,12 +12,14 @@ import time
 
 
 from fedmq.privacy import he
+from fedmq.runtime.telemetry import PHASES
 from fedmq.protocol import topics, wire
 from fedmq.runtime.mqtt_session import Inbound
 
 from aggregator.round_state import Rejected
 
 log = logging.getLogger("fedmq.aggregator")
+RECENT_ROUNDS = 4  # telemetry is taken for the open round and this many before it
 
 
 class Intake:
@@ -54,6 +56,13 @@ class Intake:
         except ValueError as exc:
             log.warning("rejected %s: %s", msg.topic, exc)
             return
+        if self._parked_bytes + len(msg.payload) > self.cfg.max_parked_bytes:
+            # Acknowledged and dropped: once the round resumes, the agent is asked for what is missing.
+            log.warning("rejected %s: %d bytes already parked while waiting for the public context (limit "
+                        "max_parked_bytes %d); asked for again after the restore", msg.topic, self._parked_bytes,
+                        self.cfg.max_parked_bytes)
+            return
+        self._parked_bytes += len(msg.payload)
         self.store.add_chunk(env, msg.payload)
 
     def dispatch(self, msg: Inbound) -> None:
@@ -74,7 +83,19 @@ class Intake:
             log.warning("rejected %s: %s", msg.topic, exc)
 
     def _on_telemetry(self, env: wire.Envelope) -> None:
+        """Recorded only for an open or recent round, once per agent and round, with
+        phases the agent really has: disk and Prometheus series must not grow at an
+        agent's whim."""
+        oldest = max(0, self.next_round - RECENT_ROUNDS)
+        if not oldest <= env.round <= self.next_round:
+            raise wire.WireError(f"telemetry for round {env.round}; only rounds {oldest}..{self.next_round} are "
+                                 "open or recent")
+        if (env.round, env.sender) in self._telemetry_seen:
+            raise wire.WireError(f"{env.sender} already reported round {env.round}'s telemetry")
         tele: wire.Telemetry = wire.decode_body(env.kind, env.body)
+        unknown = sorted(set(tele.phases) - set(PHASES))
+        if unknown:
+            raise wire.WireError(f"telemetry names unknown phase(s) {unknown[:5]}; known: {', '.join(PHASES)}")
         self.telemetry.record(env.round, env.sender, tele)
         self._telemetry_seen.add((env.round, env.sender))
         self.metrics.telemetry(env.sender, tele)

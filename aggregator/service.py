@@ -87,6 +87,7 @@ class Aggregator(Intake, Folding, RoundLifecycle):
         self.telemetry = TelemetryDB(Path(cfg.state_dir) / "telemetry.sqlite")
         self.metrics = Metrics(cfg.metrics_port, cfg.metrics_host)
         self._inbound_bytes = 0
+        self._parked_bytes = 0  # update chunks parked on disk while waiting for the public context
         self._telemetry_seen: set[tuple[int, str]] = set()
         self._last_participants: tuple[int, list[str]] | None = None
         self._round_opened = time.monotonic()

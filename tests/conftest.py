@@ -28,7 +28,8 @@ def running_cluster(tmp_path: Path, *, n_agents: int, rounds: int, port: int | N
     oracle = tmp_path / "oracle"
     for a in cluster.agent_ids:
         delay = (slow_agents or {}).get(a, 0.0)
-        cluster.agent_overrides[a] = {"faults": cfgmod.FaultSettings(oracle_dir=oracle, chunk_delay_s=delay),
+        cluster.agent_overrides[a] = {"faults": cfgmod.FaultSettings(
+            oracle_dir=oracle, test_plaintext_dumps=True, chunk_delay_s=delay),
                                       **(overrides or {}).get(a, {})}
     cluster.write_configs(min_agents=min_agents)
     observer = None

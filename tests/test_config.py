@@ -55,3 +55,34 @@ def test_private_files_are_owner_only(tmp_path):
     write_private(p, b"k")
     assert p.read_bytes() == b"k" and is_private(p)
     assert stat.S_IMODE(p.parent.stat().st_mode) == 0o700
+
+
+def test_misspelled_secret_key_is_not_echoed(tmp_path):
+    """Issue 14.7: redaction by a positive list — an unknown key's value is never printed."""
+    f = tmp_path / "agent.yaml"
+    f.write_text("agent_id: a\ncredential: abcdefghijklmnop\nbroker: {pasword: hunter2-s3cr3t, port: 70000}\n")
+    text = str(pytest.raises(config.ConfigError, config.load, config.AgentConfig, f).value)
+    assert "broker.pasword: Extra inputs are not permitted" in text and "s3cr3t" not in text
+    assert "(got 70000)" in text  # a known, non-secret key still shows what it got
+
+
+def test_plaintext_dumps_need_the_explicit_test_flag(tmp_path):
+    f = tmp_path / "agent.yaml"
+    f.write_text("agent_id: a\ncredential: abcdefghijklmnop\nfaults: {oracle_dir: /tmp/o}\n")
+    text = str(pytest.raises(config.ConfigError, config.load, config.AgentConfig, f).value)
+    assert "test_plaintext_dumps: true" in text
+    f.write_text("agent_id: a\ncredential: abcdefghijklmnop\nfaults: {oracle_dir: /tmp/o, test_plaintext_dumps: true}\n")
+    assert config.load(config.AgentConfig, f).faults.oracle_dir is not None
+
+
+def test_existing_state_dir_is_not_remoded(tmp_path):
+    """Issue 14.7: a shared directory given as state_dir keeps its mode; a new one is 0700."""
+    from fedmq.runtime.private_files import ensure_private_dir
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    ensure_private_dir(shared)
+    assert shared.stat().st_mode & 0o777 == 0o755
+    fresh = ensure_private_dir(tmp_path / "fresh" / "state")
+    assert fresh.stat().st_mode & 0o777 == 0o700

@@ -27,7 +27,8 @@ def _cluster(tmp_path, n_agents=3, rounds=2, min_agents=2) -> Cluster:
     cluster = Cluster(workdir=tmp_path, port=free_port(), n_agents=n_agents, rounds=rounds, chunk_size=16 * 1024,
                       round_timeout_s=60.0, selection_grace_s=5.0)
     for a in cluster.agent_ids:
-        cluster.agent_overrides[a] = {"faults": cfgmod.FaultSettings(oracle_dir=tmp_path / "oracle")}
+        cluster.agent_overrides[a] = {"faults": cfgmod.FaultSettings(
+            oracle_dir=tmp_path / "oracle", test_plaintext_dumps=True)}
     cluster.write_configs(min_agents=min_agents)
     return cluster
 

@@ -379,7 +379,8 @@ class PhaseCost:
 
 @message(config=_STRICT)
 class Telemetry:
-    phases: Annotated[dict[Annotated[str, Strict(), StringConstraints(max_length=32)], PhaseCost], Strict()]
+    phases: Annotated[dict[Annotated[str, Strict(), StringConstraints(max_length=32)], PhaseCost], Strict(),
+                      Field(max_length=16)]
     bytes_sent: NonNegInt
     bytes_received: NonNegInt
     peak_rss: NonNegInt

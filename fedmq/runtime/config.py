@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError, model_validator
 
 from fedmq.protocol.topics import ID_PATTERN
 from fedmq.protocol.wire import Protection
@@ -106,7 +106,17 @@ class FaultSettings(_Section):
     """Fault injection for tests and field tests; all off by default."""
 
     chunk_delay_s: Annotated[float, Field(ge=0)] = 0.0
-    oracle_dir: Path | None = None  # test-only: dump plaintext updates for an exactness oracle
+    # Test-only: dump plaintext updates for an exactness oracle. It defeats every
+    # protection, so it needs the explicit flag below and the agent warns at start.
+    oracle_dir: Path | None = None
+    test_plaintext_dumps: bool = False
+
+    @model_validator(mode="after")
+    def _dumps_need_the_flag(self) -> "FaultSettings":
+        if self.oracle_dir is not None and not self.test_plaintext_dumps:
+            raise ValueError("oracle_dir writes plaintext updates: set test_plaintext_dumps: true as well "
+                             "(tests and field tests only, never a real device)")
+        return self
 
 
 # A public key in a config: 64 hex characters, or the path of the ``.pub`` file a
@@ -176,6 +186,8 @@ class AggregatorConfig(_Section):
     # The task's protection comes from the key authority's policy; set here, it must match it.
     protection: Protection | None = None
     max_message_bytes: Annotated[int, Field(ge=2 * KiB)] = 1024 * KiB
+    # Update chunks parked on disk while a restarted aggregator waits for the public context.
+    max_parked_bytes: Annotated[int, Field(ge=1 * KiB)] = 256 * 1024 * KiB
     max_update_bytes: Annotated[int, Field(ge=1 * KiB)] = 2 * 1024 * 1024 * KiB
 
 
@@ -227,7 +239,11 @@ def load(model: type[C], path: str | Path, overrides: dict | None = None) -> C:
         lines = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "<top>"
-            got = "" if _SECRET_KEYS & {str(p) for p in err["loc"]} else f" (got {err.get('input')!r})"
+            # Echo the value only under a key known to hold no secret: a misspelled
+            # `pasword:` or an agent id under `credentials:` is never printed.
+            leaf = str(err["loc"][-1]) if err["loc"] else ""
+            public = leaf in _PUBLIC_KEYS and not _SECRET_KEYS & {str(p) for p in err["loc"]}
+            got = f" (got {err.get('input')!r})" if public else ""
             if err["type"] == "missing":
                 got = ""
             lines.append(f"{path}: {loc}: {err['msg']}{got}")
@@ -274,3 +290,20 @@ def dump(config: BaseModel) -> str:
         return obj
 
     return yaml.safe_dump(reveal(config.model_dump()), sort_keys=False)
+
+
+def _field_names(model: type[BaseModel], seen: set | None = None) -> set[str]:
+    seen = set() if seen is None else seen
+    names = set()
+    for name, info in model.model_fields.items():
+        names.add(name)
+        for arg in [info.annotation, *getattr(info.annotation, "__args__", ())]:
+            if isinstance(arg, type) and issubclass(arg, BaseModel) and arg not in seen:
+                seen.add(arg)
+                names |= _field_names(arg, seen)
+    return names
+
+
+# Keys whose values an error message may echo: every field of the configs but the secrets.
+_PUBLIC_KEYS = set().union(*(_field_names(m) for m in (AgentConfig, AggregatorConfig, KeyAuthorityConfig,
+                                                         BrokerServerConfig))) - _SECRET_KEYS

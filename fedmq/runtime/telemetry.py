@@ -20,6 +20,8 @@ import psutil
 from fedmq.protocol.wire import PhaseCost
 
 SAMPLE_S = 0.02
+# Every phase an agent times; the aggregator records no other name.
+PHASES = ("sensitivity", "train", "encrypt", "serialize", "upload", "download", "decrypt", "evaluate")
 
 
 def _no_bytes() -> tuple[int, int]:

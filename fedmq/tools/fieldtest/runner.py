@@ -246,7 +246,8 @@ class FieldTest:
             proxy.start()
             cluster.agent_overrides[a] = {
                 "broker": cfgmod.BrokerEndpoint(port=proxy.port, keepalive=sc.keepalive_s),
-                "faults": cfgmod.FaultSettings(oracle_dir=oracle_dir, chunk_delay_s=sc.chunk_delay_s)}
+                "faults": cfgmod.FaultSettings(oracle_dir=oracle_dir, test_plaintext_dumps=True,
+                                               chunk_delay_s=sc.chunk_delay_s)}
         cluster.write_configs(min_agents=sc.min_agents)
         t0 = time.monotonic()
         last = sc.rounds + self.offset
