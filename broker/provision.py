@@ -12,6 +12,9 @@ Writes, into one directory:
   read a key topic; the key authority alone publishes keys;
 - with ``--tls``: a CA and a server certificate (``cryptography``), and each role's
   config pointing at the CA;
+- with ``--rabbitmq``: ``rabbitmq/definitions.json`` and ``rabbitmq/rabbitmq.conf``,
+  the same users and topic discipline for RabbitMQ's MQTT plugin
+  (``rabbitmq_permissions.py``);
 - ``keyauthority.yaml``, ``aggregator.yaml``, ``agent-N.yaml`` — with their broker
   credentials and the agents' enrollment credentials, mode 0600.
 """
@@ -27,6 +30,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker import rabbitmq_permissions
 from fedmq.runtime import config as cfgmod
 from fedmq.privacy import signing
 from fedmq.runtime.private_files import ensure_private_dir, write_private
@@ -132,7 +136,8 @@ def _tls_files(out: Path, host: str) -> tuple[Path, Path, Path]:
 
 def provision(out: Path, *, agents: int, port: int = 8883, host: str = "127.0.0.1", tls: bool = False,
               task: str = "digits", chunk_size: int = 256 * 1024, rounds: int = 5,
-              state_root: Path | None = None, run_as: str | None = None) -> Provisioned:
+              state_root: Path | None = None, run_as: str | None = None, rabbitmq: bool = False,
+              max_queued_mib: int = 1024) -> Provisioned:
     """``run_as``: the ``user`` mosquitto runs as (it must read passwd, acl and the
     key); by default mosquitto started as root switches to ``mosquitto``, so chown
     those files to it."""
@@ -150,11 +155,19 @@ def provision(out: Path, *, agents: int, port: int = 8883, host: str = "127.0.0.
         f"acl_file {out / 'acl'}",
         f"max_packet_size {chunk_size + ENVELOPE_OVERHEAD}",
         "max_queued_messages 100000",
+        # Bytes as well as messages: a slow aggregator must not make the broker hold
+        # gigabytes (a fifty-upload backlog once reached ~2 GB). Dropped chunks are
+        # asked for again by the aggregator's resend requests.
+        f"max_queued_bytes {max_queued_mib * 1024 * 1024}",
         "persistence true",
         f"persistence_location {out}/",
         "log_dest stdout",
         *([f"user {run_as}"] if run_as else []),
         f"listener {port} {host}",
+        # (A listener option: after the listener line, or mosquitto opens a default one on 1883.)
+        # The client id is the authenticated user name: agent-1 cannot connect as
+        # "aggregator" and kick the real one off.
+        "use_username_as_clientid true",
     ]
     ca = None
     if tls:
@@ -188,4 +201,10 @@ def provision(out: Path, *, agents: int, port: int = 8883, host: str = "127.0.0.
                                         data=cfgmod.DataSettings(shard=i, num_shards=agents))
     for name, cfg in configs.items():
         write_private(out / f"{name}.yaml", cfgmod.dump(cfg).encode())
+    if rabbitmq:
+        rmq = ensure_private_dir(out / "rabbitmq")
+        write_private(rmq / "definitions.json", rabbitmq_permissions.write_json(
+            rabbitmq_permissions.definitions(passwords, task)).encode())
+        (rmq / "rabbitmq.conf").write_text("\n".join(rabbitmq_permissions.config_lines(
+            str(rmq / "definitions.json"), port, host)) + "\n")
     return Provisioned(out=out, port=port, tls=tls, agents=ids)

@@ -110,3 +110,18 @@ def test_oversize_chunk_is_refused_with_a_clear_error(provisioned):
 def test_password_hash_format_is_mosquittos():
     h = mosquitto_hash("secret", salt=b"0123456789ab")
     assert h.startswith("$7$101$MDEyMzQ1Njc4OWFi$") and len(h.split("$")[-1]) == 88
+
+
+def test_an_agent_cannot_take_the_aggregators_client_id(provisioned):
+    """use_username_as_clientid: agent-1 asking for client id 'aggregator' gets its own
+    user name as client id, so the real aggregator is not kicked off (issue 14.6)."""
+    agg = _session(provisioned, "aggregator", client_id="aggregator")
+    agg.connect()
+    impostor = _session(provisioned, "agent-1", client_id="aggregator")
+    impostor.connect()
+    time.sleep(1.5)
+    assert agg.connected and impostor.connected
+    text = provisioned.conf.read_text()
+    assert "use_username_as_clientid true" in text and "max_queued_bytes 1073741824" in text
+    for s in (impostor, agg):
+        s.close(flush_s=0.5)

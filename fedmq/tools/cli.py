@@ -55,11 +55,16 @@ def broker_provision(agents: int = typer.Option(..., min=1, help="Number of agen
                      port: int = typer.Option(8883, help="Listener port."),
                      host: str = typer.Option("127.0.0.1", help="Listener address and certificate name."),
                      task: str = typer.Option("digits"),
-                     chunk_kib: int = typer.Option(256, min=1, help="Chunk size; max_packet_size follows it.")) -> None:
+                     chunk_kib: int = typer.Option(256, min=1, help="Chunk size; max_packet_size follows it."),
+                     rabbitmq: bool = typer.Option(False, help="Also write RabbitMQ definitions (users, topic "
+                                                               "permissions) and a rabbitmq.conf for its MQTT plugin."),
+                     max_queued_mib: int = typer.Option(1024, min=1, help="mosquitto's max_queued_bytes per client.")
+                     ) -> None:
     """Write a locked-down mosquitto (passwords, ACLs, optional TLS) and every role's config."""
     from broker.provision import provision
 
-    prov = provision(out, agents=agents, port=port, host=host, tls=tls, task=task, chunk_size=chunk_kib * 1024)
+    prov = provision(out, agents=agents, port=port, host=host, tls=tls, task=task, chunk_size=chunk_kib * 1024,
+                     rabbitmq=rabbitmq, max_queued_mib=max_queued_mib)
     typer.echo(f"wrote {prov.conf} (+ passwd, acl{', ca.crt, server.crt/key' if tls else ''}) and "
                f"keyauthority.yaml, aggregator.yaml, {len(prov.agents)} agent configs (0600) in {out}\n"
                f"start: mosquitto -c {prov.conf}")

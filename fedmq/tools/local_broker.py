@@ -86,6 +86,9 @@ class RabbitMQProcess:
 
     workdir: Path
     mqtt_port: int
+    # Users and permissions (``fedmq broker provision --rabbitmq``): loaded at boot,
+    # anonymous MQTT off. None: an open node, as for throughput runs.
+    definitions: Path | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self, timeout: float = 90.0) -> None:
@@ -104,10 +107,16 @@ class RabbitMQProcess:
         for sub in ("mnesia", "log"):
             (w / sub).mkdir(parents=True, exist_ok=True)
         (w / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
-        (w / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{free_port()}\n"
-            f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\n"
-            "mqtt.allow_anonymous = true\nloopback_users = none\n")
+        conf = (f"listeners.tcp.default = 127.0.0.1:{free_port()}\n"
+                f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\nloopback_users = none\n")
+        if self.definitions is not None:
+            import shutil
+
+            shutil.copyfile(self.definitions, w / "definitions.json")
+            conf += f"mqtt.allow_anonymous = false\nload_definitions = {w / 'definitions.json'}\n"
+        else:
+            conf += "mqtt.allow_anonymous = true\n"
+        (w / "rabbitmq.conf").write_text(conf)
         if os.geteuid() == 0:  # the server script drops to the rabbitmq user: let it write here
             import pwd
 
