@@ -54,15 +54,12 @@ class Enrollment:
                     pass
 
     def _resolve_authority_key(self) -> None:
-        where = f" in {self.config_path}" if self.config_path else ""
-        if self.cfg.authority_key is None:
-            raise StartRefused(f"authority_key is not set{where}: the agent accepts keys only with the key "
-                               "authority's signature (`fedmq signing-key --config KEYAUTHORITY.yaml` prints it)")
         try:
-            self.authority_key = signing.resolve_public(
-                self.cfg.authority_key, relative_to=self.config_path.parent if self.config_path else None)
+            self.authority_key = signing.configured_public(
+                self.cfg.authority_key, "authority_key", self.config_path,
+                "the agent accepts keys only with the key authority's signature", "keyauthority")
         except ValueError as exc:
-            raise StartRefused(f"authority_key{where}: {exc}") from None
+            raise StartRefused(str(exc)) from None
 
     def _on_key(self, env: wire.Envelope, raise_refusal: bool) -> None:
         # Signed by the key authority, or not ours to believe: anyone may publish here

@@ -145,15 +145,13 @@ class Aggregator(Intake, Folding, RoundLifecycle):
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         s = self.session
-        where = f" in {self.config_path}" if self.config_path else ""
-        if self.cfg.authority_key is None:
-            raise StartError(f"authority_key is not set{where}: the aggregator takes the public context and "
-                             "policy only with the key authority's signature")
         try:
-            self.authority_key = signing.resolve_public(
-                self.cfg.authority_key, relative_to=self.config_path.parent if self.config_path else None)
+            self.authority_key = signing.configured_public(
+                self.cfg.authority_key, "authority_key", self.config_path,
+                "the aggregator takes the public context and policy only with the key authority's signature",
+                "keyauthority")
         except ValueError as exc:
-            raise StartError(f"authority_key{where}: {exc}") from None
+            raise StartError(str(exc)) from None
         for filt in (topics.ALL_STATUS, topics.all_updates(self.task), topics.ALL_TELEMETRY):
             s.subscribe(filt)
         # The public context's chunks one exact topic each, not by wildcard: RabbitMQ's

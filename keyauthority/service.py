@@ -35,15 +35,12 @@ class KeyAuthority:
     def __init__(self, cfg: KeyAuthorityConfig, config_path: Path | None = None) -> None:
         self.cfg = cfg
         state = Path(cfg.state_dir)
-        where = f" in {config_path}" if config_path else ""
-        if cfg.aggregator_key is None:
-            raise StartError(f"aggregator_key is not set{where}: the policy names the aggregator whose signature "
-                             "agents accept (`fedmq signing-key --config AGGREGATOR.yaml` prints it)")
         try:
-            aggregator_key = signing.resolve_public(cfg.aggregator_key,
-                                                    relative_to=config_path.parent if config_path else None)
+            aggregator_key = signing.configured_public(
+                cfg.aggregator_key, "aggregator_key", config_path,
+                "the policy names the aggregator whose signature agents accept", "aggregator")
         except ValueError as exc:
-            raise StartError(f"aggregator_key{where}: {exc}") from None
+            raise StartError(str(exc)) from None
         self.signing_key = signing.load_or_create(cfg.signing_key or state / "signing.key")
         self.ctx = self._load_or_create_context(state)
         self.bfv = self._load_or_create_bfv(state)

@@ -89,3 +89,17 @@ def mosquitto(tmp_path):
         yield broker.port
     finally:
         broker.stop()
+
+
+def drain_topics(session, seconds: float) -> list[str]:
+    """The topics a session receives within ``seconds``."""
+    import queue
+    import time
+
+    got, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            got.append(session.inbox.get(timeout=0.1).topic)
+        except queue.Empty:
+            pass
+    return got

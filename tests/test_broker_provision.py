@@ -4,7 +4,6 @@ no publishing as another agent, the aggregator never sees a key topic); a wrong
 password refused; an oversize chunk refused by the broker with a clear error."""
 
 import getpass
-import queue
 import subprocess
 import time
 
@@ -15,6 +14,7 @@ from broker.provision import mosquitto_hash, provision
 from fedmq.runtime import config as cfgmod
 from fedmq.tools.local_cluster import Cluster, free_port, wait_for_port
 from fedmq.runtime.mqtt_session import BrokerError, MqttSession
+from tests.conftest import drain_topics
 
 pytestmark = pytest.mark.slow
 
@@ -41,14 +41,7 @@ def _session(prov, role: str, client_id: str | None = None, **over) -> MqttSessi
     return MqttSession(ep.model_copy(update={"persistent_session": False, **over}), client_id or f"{role}-probe")
 
 
-def _drain(s: MqttSession, seconds: float) -> list[str]:
-    got, end = [], time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            got.append(s.inbox.get(timeout=0.1).topic)
-        except queue.Empty:
-            pass
-    return got
+_drain = drain_topics
 
 
 def test_whole_round_through_tls_mosquitto_with_passwords(provisioned, tmp_path):

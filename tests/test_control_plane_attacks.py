@@ -81,6 +81,14 @@ def test_forged_key_grant_and_refusal_are_rejected(tmp_path):
         obs = Observer(cluster.port, collect_results=True)
         obs.connect()
         real_authority = signing.load_or_create(cluster.authority_key_file)  # stolen: but not the credential
+
+        def forge_grant(agent: str, req: wire.EnrollRequest, key) -> None:
+            """Mallory's own CKKS secret, sealed to the agent's request key seen in clear."""
+            box = seal(req.public_key, own_keys, agent_box_info(TASK, agent))
+            grant = wire.KeyGrant(request_nonce=req.nonce, ephemeral_key=box.ephemeral_key, aead_nonce=box.nonce,
+                                  sealed_context=box.ciphertext, mac=os.urandom(32))
+            _raw_send(mallory, topics.agent_key(TASK, agent, 0), grant, rnd=0, sender="keyauthority", key=key)
+
         forged = set()
         end = time.monotonic() + 60
         while len(forged) < 3 and time.monotonic() < end:
@@ -95,19 +103,11 @@ def test_forged_key_grant_and_refusal_are_rejected(tmp_path):
                           wire.KeyRefused(request_nonce=req.nonce, reason="forged"), rnd=0, sender="keyauthority",
                           key=mallory_key)
                 forged.add("refusal")
-            elif env.sender == "agent-2" and "grant" not in forged:
-                box = seal(req.public_key, own_keys, agent_box_info(TASK, "agent-2"))
-                grant = wire.KeyGrant(request_nonce=req.nonce, ephemeral_key=box.ephemeral_key, aead_nonce=box.nonce,
-                                      sealed_context=box.ciphertext, mac=os.urandom(32))
-                _raw_send(mallory, topics.agent_key(TASK, "agent-2", 0), grant, rnd=0, sender="keyauthority",
-                          key=mallory_key)
+            elif env.sender == "agent-2" and "grant" not in forged:  # Mallory's own signing key
+                forge_grant("agent-2", req, mallory_key)
                 forged.add("grant")
-            elif env.sender == "agent-3" and "mac" not in forged:
-                box = seal(req.public_key, own_keys, agent_box_info(TASK, "agent-3"))
-                grant = wire.KeyGrant(request_nonce=req.nonce, ephemeral_key=box.ephemeral_key, aead_nonce=box.nonce,
-                                      sealed_context=box.ciphertext, mac=os.urandom(32))
-                _raw_send(mallory, topics.agent_key(TASK, "agent-3", 0), grant, rnd=0, sender="keyauthority",
-                          key=real_authority)
+            elif env.sender == "agent-3" and "mac" not in forged:  # the real signing key, no credential
+                forge_grant("agent-3", req, real_authority)
                 forged.add("mac")
         assert forged == {"refusal", "grant", "mac"}
         obs.wait_for("closed", 1, timeout=180)

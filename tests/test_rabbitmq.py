@@ -39,7 +39,6 @@ def test_provisioned_rabbitmq_permissions_hold(tmp_path):
     """`fedmq broker provision --rabbitmq`: the node loads the definitions; agents
     publish only their own topics and read only their own keys, the aggregator never
     reads a key topic, a wrong password is refused (issue 14, broker hardening)."""
-    import queue
     import time
 
     from pydantic import SecretStr
@@ -59,14 +58,7 @@ def test_provisioned_rabbitmq_permissions_hold(tmp_path):
             ep = cfgmod.load(model, prov.config(role)).broker.model_copy(update={"persistent_session": False, **over})
             return MqttSession(ep, client_id or role)
 
-        def drain(s, seconds):
-            got, end = [], time.monotonic() + seconds
-            while time.monotonic() < end:
-                try:
-                    got.append(s.inbox.get(timeout=0.1).topic)
-                except queue.Empty:
-                    pass
-            return got
+        from tests.conftest import drain_topics as drain
 
         with pytest.raises(BrokerError, match="refused"):
             session("agent-1", password=SecretStr("not-the-password")).connect()

@@ -107,3 +107,16 @@ def resolve_public(value: str, *, relative_to: Path | None = None) -> bytes:
     if not _HEX.match(text):
         raise ValueError(f"{path} does not hold an Ed25519 public key (64 hex characters)")
     return bytes.fromhex(text)
+
+
+def configured_public(value: str | None, key: str, config_path: Path | None, why: str, whose: str) -> bytes:
+    """The public key a role's config names under ``key``, or ValueError with one line
+    that names the file, the key and what to do (every role starts with this check)."""
+    where = f" in {config_path}" if config_path else ""
+    if value is None:
+        raise ValueError(f"{key} is not set{where}: {why} (`fedmq signing-key {whose} --config "
+                         f"{whose.upper()}.yaml` prints it)")
+    try:
+        return resolve_public(value, relative_to=config_path.parent if config_path else None)
+    except ValueError as exc:
+        raise ValueError(f"{key}{where}: {exc}") from None
