@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent import model_files
 from fedmq.privacy import protection
 from fedmq.protocol import topics, wire
 from fedmq.runtime.mqtt_session import BrokerError
@@ -63,7 +64,7 @@ class Results:
         self._check_result(rnd, result)
         clock = self._clock(rnd)
         trainer = self._trainer()
-        accuracy = None
+        metrics: dict[str, float] = {}
         mask = self._mask_of_result(result)
         with clock.phase("decrypt"):
             if result.scheme != "ckks":
@@ -79,9 +80,12 @@ class Results:
                      self.id, rnd, len(result.participants))
         else:
             with clock.phase("evaluate"):
-                accuracy = trainer.evaluate(weights)
-            self._adopt(rnd, weights, accuracy, result)
-        self._publish_telemetry(rnd, clock, accuracy, received)
+                try:
+                    metrics = trainer.evaluate(weights)
+                except Exception as exc:  # the model is adopted all the same; the metrics are lost
+                    log.exception("%s: the workload's evaluate failed on round %d's model: %s", self.id, rnd, exc)
+            self._adopt(rnd, weights, metrics, result)
+        self._publish_telemetry(rnd, clock, metrics, received)
         self._settle_upload(rnd, result.participants, "aggregated", f"{len(result.participants)} agents made it")
         self.uploads.drop_before(rnd)
         for old in [r for r in self.clocks if r < rnd]:
@@ -92,15 +96,18 @@ class Results:
             self.parked = None
             self._run_round(prnd, start)
 
-    def _adopt(self, rnd: int, weights: np.ndarray, accuracy: float, result: wire.Result) -> None:
+    def _adopt(self, rnd: int, weights: np.ndarray, metrics: dict[str, float], result: wire.Result) -> None:
         self.models = {rnd: weights}
         self.latest_version = rnd
         tmp = Path(self.cfg.state_dir) / "model.tmp.npz"
         np.savez(tmp, version=rnd, weights=weights)
         os.replace(tmp, Path(self.cfg.state_dir) / "model.npz")  # atomic: a crash leaves the old or the new
-        self.last_accuracy = accuracy
-        log.info("%s: round %d result from %d agents decrypted; test accuracy %.4f",
-                 self.id, rnd, len(result.participants), accuracy)
+        model_files.write_model_info(Path(self.cfg.state_dir), rnd, self.trainer, metrics,
+                                     keep_checkpoints=self.cfg.checkpoints, weights=weights)
+        self.last_accuracy = metrics.get("accuracy")
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no metrics"
+        log.info("%s: round %d result from %d agents decrypted; test accuracy %s (%s)", self.id, rnd,
+                 len(result.participants), f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "n/a", shown)
 
     def _on_round_closed(self, env: wire.Envelope) -> None:
         """A round closed without our update (we were late, or it was aborted): say so
@@ -141,10 +148,15 @@ class Results:
             raise wire.WireError("result was split by a mask this agent cannot derive")
         return mask
 
-    def _publish_telemetry(self, rnd: int, clock: PhaseClock, accuracy: float | None, received: int) -> None:
+    def _publish_telemetry(self, rnd: int, clock: PhaseClock, metrics: dict[str, float], received: int) -> None:
         peak = max(clock.peak_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        trainer = self._trainer()
+        accuracy = metrics.get("accuracy")
+        reported = {**{f"train_{k}" if not k.startswith("train") else k: v for k, v in trainer.train_metrics.items()},
+                    **metrics}
         tele = wire.Telemetry(phases=clock.phases, bytes_sent=self.sent_bytes.pop(rnd, 0), bytes_received=received,
-                              peak_rss=peak, num_samples=self._trainer().num_samples, accuracy=accuracy,
-                              clipped=self.clipped.pop(rnd, 0))
+                              peak_rss=peak, num_samples=trainer.num_samples,
+                              accuracy=accuracy if accuracy is not None and 0 <= accuracy <= 1 else None,
+                              clipped=self.clipped.pop(rnd, 0), metrics=dict(list(reported.items())[:32]))
         self.session.send(topics.telemetry(self.id), tele, task=self.task, rnd=rnd)
         self.clocks.pop(rnd, None)

@@ -4,6 +4,7 @@ quantizes) and uploads its update, kept on disk for resend requests."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -11,12 +12,17 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from agent.enrollment import EnrollmentRefused, StartRefused
 from fedmq.privacy import he, masking, protection
 from fedmq.protocol import topics, wire
 from fedmq.runtime.mqtt_session import BrokerError
 from fedmq.runtime.telemetry import PhaseClock
 
 log = logging.getLogger("fedmq.agent")
+
+
+class RoundSkipped(RuntimeError):
+    """This round cannot be done properly here; the agent sits it out and says why."""
 
 
 KEEP_STARTS = 16  # round starts remembered, to check results against
@@ -85,15 +91,42 @@ class RoundWork:
         self._busy_until = start.deadline + 60
         self.notifier.status(f"round {rnd}: {start.purpose}")
         try:
+            self._check_fingerprint(rnd, start)
             if start.purpose == "sensitivity":
                 self._send_sensitivity(rnd, start)
             else:
                 self._participate(rnd, start)
-        except Exception as exc:  # one failed round must not kill the daemon
-            log.exception("%s: round %d failed: %s", self.id, rnd, exc)
+        except (StartRefused, EnrollmentRefused):
+            raise
+        except RoundSkipped as exc:
+            log.error("%s: sitting round %d out: %s", self.id, rnd, exc)
+            self._sit_out(rnd, str(exc))
+        except Exception as exc:  # a misbehaving workload (or anything else) costs one round, never the agent
+            log.exception("%s: round %d failed; sitting it out: %s", self.id, rnd, exc)
+            self._sit_out(rnd, f"{type(exc).__name__}: {exc}")
         finally:
             self._busy_until = None
             self.notifier.status(f"round {rnd} done; waiting for rounds of task {self.task}")
+
+    def _sit_out(self, rnd: int, why: str) -> None:
+        """Tell the aggregator at once (telemetry with ``failed``): it counts us as a
+        dropout instead of waiting for the deadline. The traceback stays in our log."""
+        clock = self._clock(rnd)
+        tele = wire.Telemetry(phases=clock.phases, bytes_sent=0, bytes_received=0, peak_rss=clock.peak_rss,
+                              num_samples=0, failed=why[:300])
+        self.session.send(topics.telemetry(self.id), tele, task=self.task, rnd=rnd)
+        self.clocks.pop(rnd, None)
+
+    def _check_fingerprint(self, rnd: int, start: wire.RoundStart) -> None:
+        """Every agent of a task trains the same model from the same start; say what differs."""
+        mine = self._trainer().fingerprint
+        if start.fingerprint is None or start.fingerprint == mine:
+            return
+        what = "layout (parameter names, shapes or dtypes)" if start.fingerprint[:16] != mine[:16] \
+            else "initial weights"
+        raise RoundSkipped(f"this agent's workload differs from the task's model in its {what}: task fingerprint "
+                           f"{start.fingerprint.hex()[:16]}, mine {mine.hex()[:16]} "
+                           f"({self.trainer.n_params} parameters); refusing to train")
 
     def _memory_allows(self, rnd: int) -> bool:
         """Decline a round that would take the agent over its memory ceiling: better
@@ -140,10 +173,9 @@ class RoundWork:
 
     def _trainer(self):
         if self.trainer is None:
-            from agent.training import DigitsTrainer  # torch only once there is work
+            from agent.workload_trainer import WorkloadTrainer  # torch only once there is work
 
-            c = self.cfg
-            self.trainer = DigitsTrainer(c.model, c.data, c.train)
+            self.trainer = WorkloadTrainer(self.cfg)
         return self.trainer
 
     def _base_weights(self, version: int) -> np.ndarray:
@@ -165,6 +197,8 @@ class RoundWork:
             return
         with clock.phase("train"):
             weights = trainer.train(base, rnd)
+        if time.time() > start.deadline:
+            raise RoundSkipped(f"training ran past round {rnd}'s deadline")
         n = trainer.num_samples
         if self.cfg.faults.oracle_dir is not None:
             self._dump_oracle(f"round{rnd}", weights=weights, num_samples=n, mask=mask, base=base)
@@ -175,6 +209,7 @@ class RoundWork:
                 update, clipped = protection.protect_quantized(
                     self.bfv, self.plan, weights - base, n, mask, trainer.layer_sizes(), self._rng,
                     len(start.selected), digest)
+                update = dataclasses.replace(update, fingerprint=trainer.fingerprint)
             self.clipped[rnd] = clipped
             if clipped:
                 log.warning("%s: round %d clipped %d of %d values to the plan's ranges",
@@ -183,6 +218,7 @@ class RoundWork:
             with clock.phase("encrypt"):
                 update = protection.protect_ckks(self.ctx, weights, n, mask, prot.plain_dtype,
                                                  len(start.selected), digest)
+                update = dataclasses.replace(update, fingerprint=trainer.fingerprint)
         self._upload(rnd, clock, update)
 
     def _send_sensitivity(self, rnd: int, start: wire.RoundStart) -> None:
@@ -198,6 +234,7 @@ class RoundWork:
         with clock.phase("encrypt"):
             update = protection.protect_ckks(self.ctx, scores, n, np.ones(scores.size, dtype=bool), "float32",
                                              len(start.selected), None)
+            update = dataclasses.replace(update, fingerprint=trainer.fingerprint)
         self._upload(rnd, clock, update)
 
     def _upload(self, rnd: int, clock: PhaseClock, update: wire.Update) -> None:

@@ -95,6 +95,7 @@ class Agent(Enrollment, RoundWork, Results):
         if self.cfg.faults.oracle_dir is not None:
             log.warning("%s: TEST MODE: plaintext updates are written to %s (faults.oracle_dir); this defeats "
                         "every protection and must never run on a real device", self.id, self.cfg.faults.oracle_dir)
+        self._check_workload()
         self._resolve_authority_key()
         self._claim_state_dir()
         self._load_state()
@@ -128,6 +129,21 @@ class Agent(Enrollment, RoundWork, Results):
                 continue
             self.dispatch(msg)
         self.notifier.stopping()
+
+    def _check_workload(self) -> None:
+        """A workload that cannot be found stops the agent now (exit 2), not at the
+        first round; importing it (and torch) waits for that round."""
+        from fedmq.learning import workload as workload_api
+
+        name = self.cfg.workload.name if self.cfg.workload else "digits-mlp"
+        try:
+            workload_api.check_reference(name)
+        except workload_api.WorkloadError as exc:
+            raise StartRefused(f"{exc}" + (f" (workload.name in {self.config_path})" if self.config_path else ""))
+        data_dir = self.cfg.workload.data_dir if self.cfg.workload else None
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise StartRefused(f"workload.data_dir {data_dir} is not a directory"
+                               + (f" ({self.config_path})" if self.config_path else ""))
 
     def _alive(self) -> bool:
         """For the systemd watchdog: the main loop turns over, or a round is being
@@ -254,7 +270,7 @@ class Agent(Enrollment, RoundWork, Results):
                 raise wire.WireError(f"agent does not consume {info.family} messages")
         except (ValueError, he.HEError) as exc:
             log.warning("%s rejected %s: %s", self.id, msg.topic, exc)
-        except EnrollmentRefused:
+        except (EnrollmentRefused, StartRefused):
             raise
         except Exception:  # a daemon under Restart=on-failure must not crash-loop on one message
             log.exception("%s: internal error handling %s; message dropped", self.id, msg.topic)

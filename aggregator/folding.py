@@ -97,6 +97,9 @@ class Folding:
         self.agg_s += time.perf_counter() - t0
         self.n_params, self.n_encrypted = update.n_params, update.n_encrypted
         self._agreed_key = _layout_key(update)
+        if self.fingerprint is None and update.fingerprint is not None:
+            self.fingerprint = update.fingerprint
+            log.info("task model fixed by a quorum of verified updates: fingerprint %s", update.fingerprint.hex()[:16])
         if st.purpose == "train" and self.mask_digest is None and update.mask_digest is not None:
             self.mask_digest = update.mask_digest
             log.info("task mask fixed by a quorum of verified updates: digest %s", update.mask_digest.hex()[:16])
@@ -107,6 +110,10 @@ class Folding:
 
     def _check_layout(self, st: RoundState, update: wire.Update) -> np.ndarray:
         """Reject an update whose packing or mask does not fit the task; returns its plaintext part."""
+        if self.fingerprint is not None and update.fingerprint != self.fingerprint:
+            got = update.fingerprint.hex()[:16] if update.fingerprint else "none"
+            raise Rejected(f"update's model fingerprint {got} differs from the task's {self.fingerprint.hex()[:16]} "
+                           "(another workload, layout or initial weights)")
         if self.n_params is not None and update.n_params != self.n_params:
             raise Rejected(f"update packs {update.n_params} parameters; the model has {self.n_params}")
         if update.n_encrypted > update.n_params:
@@ -168,20 +175,23 @@ class Folding:
 def _layout_key(update: wire.Update) -> tuple:
     """What every update of a round must share."""
     return (update.n_params, update.n_encrypted, update.mask_digest, update.plain_dtype,
-            tuple((len(c) // w, w) for c, w in zip(update.codes, update.code_widths)))
+            tuple((len(c) // w, w) for c, w in zip(update.codes, update.code_widths)), update.fingerprint)
 
 
 def _describe(key: tuple) -> str:
-    n_params, n_encrypted, digest, dtype, codes = key
+    n_params, n_encrypted, digest, dtype, codes, fingerprint = key
     return (f"{n_params} params, {n_encrypted} encrypted, mask {digest.hex()[:12] if digest else 'none'}"
-            + (f", {len(codes)} code segments" if codes else f", {dtype}"))
+            + (f", {len(codes)} code segments" if codes else f", {dtype}")
+            + f", model {fingerprint.hex()[:12] if fingerprint else 'unnamed'}")
 
 
 def layout_to_json(key: tuple) -> list:
-    n_params, n_encrypted, digest, dtype, codes = key
-    return [n_params, n_encrypted, digest.hex() if digest else None, dtype, [list(c) for c in codes]]
+    n_params, n_encrypted, digest, dtype, codes, fingerprint = key
+    return [n_params, n_encrypted, digest.hex() if digest else None, dtype, [list(c) for c in codes],
+            fingerprint.hex() if fingerprint else None]
 
 
 def layout_from_json(raw: list) -> tuple:
-    n_params, n_encrypted, digest, dtype, codes = raw
-    return (n_params, n_encrypted, bytes.fromhex(digest) if digest else None, dtype, tuple(tuple(c) for c in codes))
+    n_params, n_encrypted, digest, dtype, codes, fingerprint = raw
+    return (n_params, n_encrypted, bytes.fromhex(digest) if digest else None, dtype, tuple(tuple(c) for c in codes),
+            bytes.fromhex(fingerprint) if fingerprint else None)

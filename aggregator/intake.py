@@ -96,6 +96,10 @@ class Intake:
         unknown = sorted(set(tele.phases) - set(PHASES))
         if unknown:
             raise wire.WireError(f"telemetry names unknown phase(s) {unknown[:5]}; known: {', '.join(PHASES)}")
+        st = self.state
+        if tele.failed is not None and st is not None and not st.closed and env.round == st.round:
+            log.warning("%s sits round %d out: %s", env.sender, env.round, tele.failed)
+            st.withdraw(env.sender)
         self.telemetry.record(env.round, env.sender, tele)
         self._telemetry_seen.add((env.round, env.sender))
         self.metrics.telemetry(env.sender, tele)

@@ -85,7 +85,8 @@ class RoundLifecycle:
                             ckks=self.ctx, bfv=self.bfv_ctx)
         start = wire.RoundStart(model_version=self.model_version, deadline=deadline, selected=selected,
                                 quorum=quorum, purpose=purpose, protection=self.protection,
-                                mask_round=self.mask_round, mask_digest=self.mask_digest)
+                                mask_round=self.mask_round, mask_digest=self.mask_digest,
+                                fingerprint=self.fingerprint)
         self.store.open(self.state)
         self.session.send(topics.round_start(self.task, rnd), start, task=self.task, rnd=rnd, retain=True)
         log.info("round %d (%s) open: %d agents selected, quorum %d, deadline in %.0fs, p=%s",

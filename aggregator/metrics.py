@@ -34,6 +34,8 @@ class Metrics:
                                    ["agent", "phase"], registry=r)
         self.agent_peak_rss = Gauge("fedmq_agent_peak_rss_bytes", "Agent peak RSS in its last round", ["agent"],
                                     registry=r)
+        self.workload = Gauge("fedmq_workload_metric", "What the agent's workload reported for its last round",
+                              ["agent", "metric"], registry=r)
         self.port = port
         if port:
             start_http_server(port, addr=host, registry=r)
@@ -43,3 +45,5 @@ class Metrics:
         for phase, cost in tele.phases.items():
             self.phase_seconds.labels(agent, phase).set(cost.wall_s)
         self.agent_peak_rss.labels(agent).set(tele.peak_rss)
+        for name, value in tele.metrics.items():
+            self.workload.labels(agent, name).set(value)

@@ -72,8 +72,15 @@ class RoundState:
         if agent in self.selected and agent not in self.weights:
             self.offline.setdefault(agent, now)
 
+    def withdraw(self, agent: str) -> None:
+        """The agent said it sits this round out (its workload failed): a dropout now,
+        no grace period, no waiting for the deadline."""
+        if agent in self.selected and agent not in self.weights:
+            self.offline[agent] = float("-inf")
+
     def mark_online(self, agent: str) -> None:
-        self.offline.pop(agent, None)  # it reconnected and may still deliver
+        if self.offline.get(agent) != float("-inf"):  # a withdrawal stands; a reconnect does not undo it
+            self.offline.pop(agent, None)  # it reconnected and may still deliver
 
     @property
     def total_weight(self) -> int:

@@ -74,6 +74,7 @@ class Aggregator(Intake, Folding, RoundLifecycle):
         self._saved: dict = {}
         self.mask_round = 0  # the sensitivity round whose sum defines the task's mask
         self.mask_digest: bytes | None = None
+        self.fingerprint: bytes | None = None  # the task's model, once a quorum of updates agreed on it
         self.bytes_received = 0
         self.agg_s = 0.0
         self.n_params: int | None = None
@@ -103,6 +104,7 @@ class Aggregator(Intake, Folding, RoundLifecycle):
             self.next_round, self.model_version = saved["next_round"], saved["model_version"]
             self.n_params = saved.get("n_params")
             self.rounds_done = saved.get("rounds_done", 0)
+            self.fingerprint = bytes.fromhex(saved["fingerprint"]) if saved.get("fingerprint") else None
             self._saved = saved
             self._restore_mask()
             log.info("resuming at round %d (model version %d)", self.next_round, self.model_version)
@@ -139,6 +141,7 @@ class Aggregator(Intake, Folding, RoundLifecycle):
             "rounds_done": self.rounds_done,
             "protection": _protection_key(self.protection), "mask_round": self.mask_round,
             "mask_digest": self.mask_digest.hex() if self.mask_digest else None,
+            "fingerprint": self.fingerprint.hex() if self.fingerprint else None,
         }).encode())
 
     # ------------------------------------------------------------------ main loop

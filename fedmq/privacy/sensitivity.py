@@ -27,8 +27,9 @@ from torch.nn import functional as F
 
 
 def sensitivity_map(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 32,
-                    progress=None) -> np.ndarray:
-    """S_m for every parameter, flattened in ``model.parameters()`` order (float64)."""
+                    progress=None, loss_fn=F.cross_entropy) -> np.ndarray:
+    """S_m for every parameter, flattened in ``model.parameters()`` order (float64).
+    ``loss_fn(outputs, targets)``: the workload's mean loss, applied to one sample at a time."""
     was_training = model.training
     model.eval()  # batch statistics of one sample are meaningless (BatchNorm)
     params = {name: p.detach() for name, p in model.named_parameters()}
@@ -36,7 +37,7 @@ def sensitivity_map(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_si
 
     def sample_loss(p, xk, yk):
         logits = functional_call(model, (p, buffers), (xk.unsqueeze(0),))
-        return F.cross_entropy(logits, yk.unsqueeze(0))
+        return loss_fn(logits, yk.unsqueeze(0))
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     totals = {name: torch.zeros_like(p) for name, p in params.items()}

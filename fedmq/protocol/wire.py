@@ -196,6 +196,9 @@ class RoundStart:
     protection: Protection = Protection()
     mask_round: NonNegInt = 0
     mask_digest: Digest | None = None
+    # The task's model: digest of its layout (names, shapes, dtypes) then of its initial
+    # weights, 16 bytes each; None until a quorum of updates agreed on it.
+    fingerprint: Digest | None = None
 
 
 @message(config=_STRICT)
@@ -231,6 +234,7 @@ class Update:
     codes: _list(Bytes, max_length=100_000) = dataclasses.field(default_factory=list)
     code_widths: _list(Annotated[int, Strict(), Field(ge=1, le=2)], max_length=100_000) = \
         dataclasses.field(default_factory=list)
+    fingerprint: Digest | None = None  # of the workload's model (RoundStart.fingerprint)
 
 
 @message(config=_STRICT)
@@ -387,6 +391,10 @@ class Telemetry:
     num_samples: NonNegInt
     accuracy: Annotated[float, Strict(), Field(ge=0, le=1)] | None = None
     clipped: NonNegInt = 0  # values clipped to the quantization plan's ranges
+    # What the workload reported (train and evaluate), finite numbers under short names.
+    metrics: Annotated[dict[Annotated[str, Strict(), StringConstraints(max_length=32)], FiniteFloat], Strict(),
+                       Field(max_length=32)] = dataclasses.field(default_factory=dict)
+    failed: Annotated[str, Strict(), StringConstraints(max_length=300)] | None = None  # sat the round out: why
 
 
 BODY_TYPES: dict[str, type] = {

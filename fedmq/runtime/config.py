@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError, model_validator
@@ -134,6 +134,27 @@ class PolicySettings(_Section):
     max_samples: Annotated[int, Field(ge=1, le=1 << 40)] = 1_000_000  # per update, enforced by the aggregator
 
 
+class WorkloadSettings(_Section):
+    """What this agent trains (fedmq.learning.workload): a built-in name (digits-mlp,
+    image-folder, csv), ``module:attribute``, or an entry point of ``fedmq.workloads``."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "digits-mlp"
+    data_dir: Path | None = None  # this device's data, passed to the workload
+    options: dict[str, Any] = Field(default_factory=dict)  # free-form; validated by the workload
+    # Identical start on every agent: weights drawn from this seed by the agent itself
+    # (independent of torch's build or device), or a safetensors file whose SHA-256 the task names.
+    init_seed: int = 0
+    initial_weights: Path | None = None
+    initial_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+    @model_validator(mode="after")
+    def _file_needs_its_hash(self) -> "WorkloadSettings":
+        if self.initial_weights is not None and self.initial_sha256 is None:
+            raise ValueError("initial_weights needs initial_sha256 (sha256sum of the file), so every agent "
+                             "provably starts from the same weights")
+        return self
+
+
 class AgentConfig(_Section):
     agent_id: Id
     credential: SecretStr
@@ -148,6 +169,9 @@ class AgentConfig(_Section):
     data: DataSettings = DataSettings()
     train: TrainSettings = TrainSettings()
     faults: FaultSettings = FaultSettings()
+    # None: digits-mlp, configured by the model/data/train sections above (as before workloads).
+    workload: WorkloadSettings | None = None
+    checkpoints: Annotated[int, Field(ge=1)] | None = None  # keep the last K global models as safetensors
     # Fills in what this file leaves unset (device, threads, batch and chunk size,
     # memory ceiling): auto | raspberry-pi | laptop | gpu-server. See device_profiles.py.
     profile: Literal["auto", "raspberry-pi", "laptop", "gpu-server", "none"] = "none"

@@ -21,7 +21,7 @@ from fedmq.protocol.wire import PhaseCost
 
 SAMPLE_S = 0.02
 # Every phase an agent times; the aggregator records no other name.
-PHASES = ("sensitivity", "train", "encrypt", "serialize", "upload", "download", "decrypt", "evaluate")
+PHASES = ("train", "sensitivity", "encrypt", "serialize", "upload", "download", "decrypt", "evaluate")
 
 
 def _no_bytes() -> tuple[int, int]:

@@ -24,10 +24,11 @@ CREATE TABLE IF NOT EXISTS phases (round INTEGER, agent TEXT, phase TEXT, wall_s
 CREATE TABLE IF NOT EXISTS rounds (round INTEGER, agent TEXT, bytes_sent INTEGER, bytes_received INTEGER,
                                    peak_rss INTEGER, num_samples INTEGER, accuracy REAL, clipped INTEGER,
                                    received_at REAL, PRIMARY KEY (round, agent));
+CREATE TABLE IF NOT EXISTS metrics (round INTEGER, agent TEXT, name TEXT, value REAL,
+                                    PRIMARY KEY (round, agent, name));
 CREATE TABLE IF NOT EXISTS uploads (round INTEGER, agent TEXT, bytes INTEGER, chunks INTEGER,
                                     PRIMARY KEY (round, agent));
 """
-PHASES = ("train", "sensitivity", "encrypt", "serialize", "upload", "download", "decrypt", "evaluate")
 
 
 class TelemetryDB:
@@ -45,6 +46,8 @@ class TelemetryDB:
             self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (rnd, agent, tele.bytes_sent, tele.bytes_received, tele.peak_rss, tele.num_samples,
                              tele.accuracy, tele.clipped, time.time()))
+            for name, value in tele.metrics.items():
+                self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", (rnd, agent, name, value))
             for name, c in tele.phases.items():
                 self.db.execute("INSERT OR REPLACE INTO phases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                 (rnd, agent, name, c.wall_s, c.cpu_s, c.cpu_pct, c.peak_rss, c.bytes_sent,
@@ -88,5 +91,14 @@ def read_rounds(path: Path) -> list[dict]:
         rows = db.execute("SELECT r.*, u.bytes AS uploaded_bytes, u.chunks AS uploaded_chunks FROM rounds r "
                           "LEFT JOIN uploads u USING (round, agent) ORDER BY round, agent")
         return [dict(r) for r in rows]
+    finally:
+        db.close()
+
+
+def read_metrics(path: Path) -> list[tuple[int, str, str, float]]:
+    """(round, agent, metric, value): what the workloads reported."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return list(db.execute("SELECT round, agent, name, value FROM metrics ORDER BY round, agent, name"))
     finally:
         db.close()

@@ -13,7 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedmq.runtime.telemetry_db import PHASES, PhaseRow, read_phases, read_rounds
+from fedmq.runtime.telemetry import PHASES
+from fedmq.runtime.telemetry_db import PhaseRow, read_phases, read_rounds
 
 MB = 1e6
 
