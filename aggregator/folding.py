@@ -62,6 +62,7 @@ class Folding:
         for other, entries in held.items():
             if other != key:
                 for d, *_ in entries:
+                    st.withdraw(d.sender)
                     self.metrics.rejected.inc()
                     log.warning("rejected %s's round-%d update: layout %s, the round agreed on %s", d.sender,
                                 st.round, _describe(other), _describe(key))
@@ -69,6 +70,7 @@ class Folding:
             try:
                 self._fold_now(d, u, c, pl)
             except (ValueError, Rejected, he.HEError) as exc:
+                st.withdraw(d.sender)
                 self.metrics.rejected.inc()
                 log.warning("rejected %s's round-%d update: %s", d.sender, st.round, exc)
 

@@ -90,9 +90,10 @@ class Intake:
         if not oldest <= env.round <= self.next_round:
             raise wire.WireError(f"telemetry for round {env.round}; only rounds {oldest}..{self.next_round} are "
                                  "open or recent")
-        if (env.round, env.sender) in self._telemetry_seen:
-            raise wire.WireError(f"{env.sender} already reported round {env.round}'s telemetry")
         tele: wire.Telemetry = wire.decode_body(env.kind, env.body)
+        key = (env.round, env.sender) if tele.failed is None else (env.round, f"{env.sender}/failed")
+        if key in self._telemetry_seen:
+            raise wire.WireError(f"{env.sender} already reported round {env.round}'s telemetry")
         unknown = sorted(set(tele.phases) - set(PHASES))
         if unknown:
             raise wire.WireError(f"telemetry names unknown phase(s) {unknown[:5]}; known: {', '.join(PHASES)}")
@@ -101,7 +102,7 @@ class Intake:
             log.warning("%s sits round %d out: %s", env.sender, env.round, tele.failed)
             st.withdraw(env.sender)
         self.telemetry.record(env.round, env.sender, tele)
-        self._telemetry_seen.add((env.round, env.sender))
+        self._telemetry_seen.add(key)
         self.metrics.telemetry(env.sender, tele)
 
     def _on_public_context(self, env: wire.Envelope) -> None:
@@ -153,7 +154,13 @@ class Intake:
         self.telemetry.add_upload(env.round, env.sender, self._inbound_bytes)
         self.metrics.update_bytes.inc(self._inbound_bytes)
         if done is not None:
-            self._fold(done)
+            try:
+                self._fold(done)
+            except (Rejected, ValueError, he.HEError):
+                # Its upload is complete and refused: it sends no other, so the round
+                # stops waiting for it (a valid update that still arrives would count).
+                st.withdraw(env.sender)
+                raise
 
 def _is_update(topic: str) -> bool:
     try:

@@ -113,3 +113,23 @@ def test_offline_agents_get_a_grace_period_to_reconnect():
     st.mark_offline("c", now=12)  # a repeated last will does not restart the clock
     assert st.decide(14) is None  # c may be back in a moment (broker restart, Wi-Fi)
     assert st.decide(15).outcome is Outcome.AGGREGATE
+
+
+def test_withdrawn_agent_is_a_dropout_at_once_and_a_reconnect_does_not_undo_it():
+    """An agent whose workload failed (or whose complete update was refused) says so:
+    no grace period, no deadline wait; a later valid update would still count."""
+    st = RoundState(round=1, model_version=0, selected=frozenset("abc"), quorum=2, deadline=100.0,
+                    offline_grace_s=30.0)
+    st.record("a", 1, now=1)
+    st.record("b", 1, now=1)
+    st.withdraw("c")
+    st.mark_online("c")  # its status after a reconnect: still sitting the round out
+    d = st.decide(2)
+    assert d.outcome is Outcome.AGGREGATE and st.dropped == ["c"]
+    late = _round()
+    late.withdraw("c")
+    late.record("c", 5, now=3)  # a valid update that still arrives counts
+    assert late.weights == {"c": 5} and "c" not in late.offline
+    late.withdraw("a")
+    late.withdraw("zzz")  # not selected: ignored
+    assert "zzz" not in late.offline

@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS rounds (round INTEGER, agent TEXT, bytes_sent INTEGER
                                    received_at REAL, PRIMARY KEY (round, agent));
 CREATE TABLE IF NOT EXISTS metrics (round INTEGER, agent TEXT, name TEXT, value REAL,
                                     PRIMARY KEY (round, agent, name));
+CREATE TABLE IF NOT EXISTS failures (round INTEGER, agent TEXT, reason TEXT, PRIMARY KEY (round, agent));
 CREATE TABLE IF NOT EXISTS uploads (round INTEGER, agent TEXT, bytes INTEGER, chunks INTEGER,
                                     PRIMARY KEY (round, agent));
 """
@@ -41,6 +42,9 @@ class TelemetryDB:
         self.db.executescript(_SCHEMA)
 
     def record(self, rnd: int, agent: str, tele: Telemetry) -> None:
+        if tele.failed is not None:  # the agent sat the round out: why, and nothing else
+            self.db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?)", (rnd, agent, tele.failed))
+            return
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -124,6 +124,29 @@ def signing_key(role: SigningRole = typer.Argument(..., help="Whose key: keyauth
                err=True)
 
 
+model_app = typer.Typer(no_args_is_help=True, help="The trained model: export it from an agent's state dir.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("export")
+def model_export(state_dir: Path = typer.Option(..., "--state-dir", help="An agent's state_dir (it holds the keys, "
+                                                                          "so the decrypted model)."),
+                 out: Path = typer.Option(Path("model.safetensors"), "--out", help="safetensors file to write."),
+                 round_: Optional[int] = typer.Option(None, "--round", help="A kept checkpoint's round "
+                                                                             "(default: the latest model).")) -> None:
+    """Write a round's global model as safetensors (+ a JSON of round, metrics, fingerprint).
+    It loads with ``model.load_state_dict(safetensors.torch.load_file(PATH))`` — no fedmq needed."""
+    from agent.model_files import export
+
+    try:
+        meta = export(state_dir, out, round_)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {out} and {out.with_suffix('.json')}: round {meta['round']}, workload {meta['workload']}, "
+               f"metrics {meta['metrics']}")
+
+
 @app.command("install-unit")
 def install_unit(config: Path = typer.Option(..., "--config", help="The agent YAML the service runs with."),
                  out: Path = typer.Option(Path("/etc/systemd/system/fedmq-agent.service"), help="Unit file to write."),
