@@ -147,6 +147,20 @@ def model_export(state_dir: Path = typer.Option(..., "--state-dir", help="An age
                f"metrics {meta['metrics']}")
 
 
+@app.command("new")
+def new(name: str = typer.Argument(..., help="The workload's name (and its package's)."),
+        out: Path = typer.Option(Path("."), help="Where the project directory goes.")) -> None:
+    """Scaffold a workload package (model, data, train, evaluate; its entry point) and every role's config."""
+    from fedmq.tools.scaffold.new import scaffold
+
+    try:
+        root = scaffold(name, out)
+    except (ValueError, FileExistsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {root}\nnext: pip install -e {root} && fedmq demo --workload {name}")
+
+
 @app.command("install-unit")
 def install_unit(config: Path = typer.Option(..., "--config", help="The agent YAML the service runs with."),
                  out: Path = typer.Option(Path("/etc/systemd/system/fedmq-agent.service"), help="Unit file to write."),
@@ -176,6 +190,10 @@ def demo(agents: int = typer.Option(4, min=2, help="Number of agents."),
          scheme: str = typer.Option("ckks", help="ckks | quantize | quantize+he"),
          p: float = typer.Option(1.0, min=0.0, max=1.0, help="Encrypted fraction (ckks, quantize+he)."),
          selection: str = typer.Option("sensitivity", help="sensitivity | random (when 0 < p < 1)."),
+         workload: Optional[str] = typer.Option(None, help="Any workload: built-in name, module:attribute or an "
+                                                           "installed entry point (default: digits-mlp)."),
+         workload_options: Optional[str] = typer.Option(None, help="The workload's options, as JSON."),
+         data_root: Optional[Path] = typer.Option(None, help="DATA_ROOT/agent-N is agent N's data_dir."),
          timeout: float = typer.Option(600, help="Give up after this many seconds.")) -> None:
     """Broker, key authority, aggregator and N agents as processes; a few encrypted rounds."""
     configure("demo", "WARNING")
@@ -189,8 +207,18 @@ def demo(agents: int = typer.Option(4, min=2, help="Number of agents."),
     except ValidationError as exc:
         typer.echo(f"invalid protection: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", err=True)
         raise typer.Exit(2) from None
+    options = None
+    if workload_options:
+        import json
+
+        try:
+            options = json.loads(workload_options)
+        except ValueError as exc:
+            typer.echo(f"--workload-options is not JSON: {exc}", err=True)
+            raise typer.Exit(2) from None
     raise typer.Exit(run_demo(agents=agents, rounds=rounds, kill_round=kill_round, workdir=workdir,
-                              chunk_kib=chunk_kib, timeout=timeout, protection=protection))
+                              chunk_kib=chunk_kib, timeout=timeout, protection=protection, workload=workload,
+                              workload_options=options, data_root=data_root))
 
 
 @app.command()

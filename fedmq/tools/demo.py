@@ -57,7 +57,8 @@ def render(rounds: dict[int, RoundView], console: Console, title: str) -> float 
 
 
 def run_demo(*, agents: int, rounds: int, kill_round: int, workdir: Path | None, chunk_kib: int,
-             timeout: float, protection: wire.Protection | None = None) -> int:
+             timeout: float, protection: wire.Protection | None = None, workload: str | None = None,
+             workload_options: dict | None = None, data_root: Path | None = None) -> int:
     """``rounds`` and ``kill_round`` count training rounds; a sensitivity-mode selective
     task first agrees on its mask in an extra encrypted round."""
     protection = protection or wire.Protection()
@@ -74,11 +75,20 @@ def run_demo(*, agents: int, rounds: int, kill_round: int, workdir: Path | None,
                       chunk_size=chunk_kib * 1024, protection=protection,
                       quantization=cfgmod.QuantizationSettings(n_ref=1437 // agents, max_agents=max(8, agents))
                       if quantized else None)
+    if workload is not None:
+        # Any workload: each agent gets its own data directory (DATA_ROOT/agent-N, or an
+        # empty one in the work dir, which a scaffolded workload fills with synthetic data).
+        for a in cluster.agent_ids:
+            data = (data_root or workdir / "data") / a
+            data.mkdir(parents=True, exist_ok=True)
+            cluster.agent_overrides[a] = {"workload": cfgmod.WorkloadSettings(
+                name=workload, data_dir=data, options=workload_options or {})}
     victim = cluster.agent_ids[-1] if kill_round else None
     if victim:
         # The victim uploads slowly, in several chunks even when its update is small
         # (quantized), so that the SIGKILL lands mid-upload, deterministically.
-        cluster.agent_overrides[victim] = {"faults": cfgmod.FaultSettings(chunk_delay_s=0.4),
+        cluster.agent_overrides[victim] = {**cluster.agent_overrides.get(victim, {}),
+                                           "faults": cfgmod.FaultSettings(chunk_delay_s=0.4),
                                            "chunk_size": 4096 if quantized else chunk_kib * 1024}
     cluster.write_configs(min_agents=max(2, agents // 2))
     console.print(f"[bold]fedmq demo[/]: {agents} agents, {rounds} rounds, broker on 127.0.0.1:{cluster.port}, "
@@ -119,7 +129,7 @@ def run_demo(*, agents: int, rounds: int, kill_round: int, workdir: Path | None,
         cluster.stop_all()
     what = f"{protection.scheme}, p={protection.p:g}" + (f", {protection.mode} selection" if 0 < protection.p < 1
                                                            and protection.scheme != "quantize" else "")
-    final = render(observer.rounds if observer else {}, console, f"fedmq demo: FedAvg on digits ({what})")
+    final = render(observer.rounds if observer else {}, console, f"fedmq demo: FedAvg on {workload or 'digits'} ({what})")
     closed = sum(1 for r, v in (observer.rounds.items() if observer else []) if v.closed and
                  v.closed.status == "aggregated" and r > 0 and v.purpose == "train")
     print(f"demo: {closed} rounds closed, final accuracy {final if final is not None else 0:.2f}")

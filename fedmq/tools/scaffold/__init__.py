@@ -1,0 +1,1 @@
+"""``fedmq new NAME``: a workload package to start from (like ``flwr new``)."""
