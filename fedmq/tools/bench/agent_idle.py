@@ -14,13 +14,20 @@ from pathlib import Path
 
 import psutil
 
+from fedmq.runtime import config as cfgmod
 from fedmq.tools.local_cluster import Cluster, free_port
 
 TARGET_MB = 80
 
 
-def run(workdir: Path, sample_s: float = 3.0) -> dict:
+def run(workdir: Path, sample_s: float = 3.0, workload: str | None = None) -> dict:
+    """``workload``: configure the agent with that workload (its data dir empty: data
+    and torch are loaded at the first round, which never comes here)."""
     cluster = Cluster(workdir=workdir, port=free_port(), n_agents=1, rounds=1)
+    if workload is not None:
+        data = workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        cluster.agent_overrides["agent-1"] = {"workload": cfgmod.WorkloadSettings(name=workload, data_dir=data)}
     cluster.write_configs(min_agents=1)
     try:
         cluster.start_broker()
@@ -41,7 +48,7 @@ def run(workdir: Path, sample_s: float = 3.0) -> dict:
             time.sleep(0.1)
         heavy = sorted(m for m in ("torch", "tenseal", "sklearn", "matplotlib")
                        if any(f"/{m}/" in f.path for f in proc.memory_maps()))
-        return {"idle_rss_mb": max(rss) / 1e6, "idle_uss_mb": max(uss) / 1e6, "target_mb": TARGET_MB,
+        return {"workload": workload or "digits-mlp (legacy config)", "idle_rss_mb": max(rss) / 1e6, "idle_uss_mb": max(uss) / 1e6, "target_mb": TARGET_MB,
                 "meets_target": max(rss) / 1e6 <= TARGET_MB, "samples": len(rss), "heavy_libraries_mapped": heavy}
     finally:
         cluster.stop_all()

@@ -81,7 +81,9 @@ def bench_aggregator_memory(
 
 
 @bench_app.command("agent-idle")
-def bench_agent_idle(json_out: Path = typer.Option(Path("benchmarks/results/agent_idle.json"), "--json")) -> None:
+def bench_agent_idle(json_out: Path = typer.Option(Path("benchmarks/results/agent_idle.json"), "--json"),
+                     workload: Optional[str] = typer.Option(None, help="Configure the agent with this workload.")
+                     ) -> None:
     """Resident memory of an enrolled agent waiting for its first round (target <= 80 MB)."""
     import json
     import tempfile
@@ -90,7 +92,7 @@ def bench_agent_idle(json_out: Path = typer.Option(Path("benchmarks/results/agen
 
     configure("bench", "WARNING")
     with tempfile.TemporaryDirectory(prefix="fedmq-idle-") as tmp:
-        row = agent_idle.run(Path(tmp))
+        row = agent_idle.run(Path(tmp), workload=workload)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(row, indent=2))
     typer.echo(f"idle agent: RSS {row['idle_rss_mb']:.1f} MB, USS {row['idle_uss_mb']:.1f} MB (target <= "
