@@ -6,6 +6,7 @@ aggregator itself accepted from it — Prometheus serves the same story, and
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +27,11 @@ def test_telemetry_database_metrics_and_report(cluster_factory, tmp_path):
         assert 'fedmq_rounds_total{status="aggregated"} 1.0' in metrics
         assert "fedmq_agents_online 2.0" in metrics and "fedmq_update_bytes_total" in metrics
         obs.wait_for("closed", 2, timeout=180)
+        end = time.monotonic() + 30
+        while 'fedmq_workload_metric{agent="agent-1",metric="accuracy"}' not in metrics and time.monotonic() < end:
+            obs.poll(timeout=0.5)
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert 'fedmq_workload_metric{agent="agent-1",metric="accuracy"}' in metrics
         assert cluster.procs["aggregator"].wait(60) == 0  # it lingers for the last telemetry, then exits
     db = tmp_path / "state/aggregator/telemetry.sqlite"
     rows = read_rounds(db)
@@ -46,10 +52,14 @@ def test_telemetry_database_metrics_and_report(cluster_factory, tmp_path):
         if phase == "upload":
             assert sent > 0
 
+    # The workload's metrics (issue 15): evaluate's and train's, per agent and round.
+    metrics = {(a, n) for a, n in con.execute("SELECT agent, name FROM metrics")}
+    assert {("agent-1", "accuracy"), ("agent-1", "train_loss"), ("agent-2", "loss")} <= metrics
+
     out = tmp_path / "png"
     res = subprocess.run([sys.executable, "-m", "fedmq", "report", "--db", str(db), "--png", str(out)],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert "agent-1" in res.stdout and "agent-2" in res.stdout
-    for name in ("time_breakdown.png", "bytes_per_round.png", "accuracy_per_round.png"):
+    for name in ("time_breakdown.png", "bytes_per_round.png", "accuracy_per_round.png", "workload_metrics.png"):
         assert (out / name).stat().st_size > 5000

@@ -130,8 +130,9 @@ def test_user_workload_exact_under_ckks_and_one_bad_round_costs_one_round(cluste
 
 
 def test_mismatched_workload_refused_by_agent_and_rejected_by_aggregator(cluster_factory):
-    over = {"agent-3": {"model": cfgmod.ModelSettings(hidden=[16])}}  # another layout than the task's
-    with cluster_factory(n_agents=3, rounds=2, overrides=over) as (cluster, obs):
+    over = {"agent-3": {"model": cfgmod.ModelSettings(hidden=[16])},  # another layout than the task's
+            "agent-4": {"model": cfgmod.ModelSettings(init_seed=7)}}  # same layout, another start
+    with cluster_factory(n_agents=4, rounds=2, overrides=over, min_agents=2) as (cluster, obs):
         obs.wait_for("closed", 2, timeout=240)
         for rnd in (1, 2):
             assert obs.rounds[rnd].closed.participants == ["agent-1", "agent-2"]
@@ -143,6 +144,8 @@ def test_mismatched_workload_refused_by_agent_and_rejected_by_aggregator(cluster
         assert "this agent's workload differs from the task's model in its layout (parameter names, shapes or " \
                "dtypes)" in a3
         assert "sits round 2 out" in agg
+        assert "this agent's workload differs from the task's model in its initial weights" in \
+            cluster.log_text("agent-4")
 
 
 @pytest.mark.long
@@ -211,3 +214,18 @@ def test_builtin_workloads_learn_generated_data(cluster_factory, tmp_path, kind)
             tele = obs.rounds[2].telemetry[a]
             assert tele.accuracy is not None and tele.accuracy > 0.8, (a, tele.metrics)  # chance is 0.5
             assert "train_loss" in tele.metrics
+
+
+def test_dirichlet_shards_are_disjoint_skewed_and_cover_the_rest():
+    from fedmq.learning.workloads._common import split_indices
+
+    labels = np.repeat(np.arange(10), 50)
+    parts = [split_indices(500, shard=i, num_shards=4, seed=3, test_fraction=0.2, labels=labels, alpha=0.3)
+             for i in range(4)]
+    test = parts[0][0]
+    assert all(np.array_equal(p[0], test) for p in parts)  # one task-wide test split
+    mine = [p[1] for p in parts]
+    assert sum(len(m) for m in mine) == 400 and len(np.unique(np.concatenate([*mine, test]))) == 500
+    # Non-IID: some shard's label histogram is far from uniform.
+    skew = max(np.bincount(labels[m], minlength=10).max() / max(len(m), 1) for m in mine)
+    assert skew > 0.2

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmq.runtime.telemetry import PHASES
-from fedmq.runtime.telemetry_db import PhaseRow, read_phases, read_rounds
+from fedmq.runtime.telemetry_db import PhaseRow, read_metrics, read_phases, read_rounds
 
 MB = 1e6
 
@@ -114,4 +114,24 @@ def write_pngs(db: Path, out: Path) -> list[Path]:
     written.append(out / "accuracy_per_round.png")
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
+
+    # What the workloads reported (evaluate's and train's metrics), mean over devices.
+    per: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for rnd, _, name, value in read_metrics(db):
+        per[name][rnd].append(value)
+    if per:
+        names = sorted(per)
+        fig, axes = plt.subplots(len(names), 1, figsize=(6, 2.2 * len(names)), squeeze=False, sharex=True)
+        for ax, name in zip(axes[:, 0], names):
+            rounds = sorted(per[name])
+            ax.plot(rounds, [sum(per[name][r]) / len(per[name][r]) for r in rounds], marker="o")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("round")
+        axes[0, 0].set_title("Workload metrics per round (mean over devices)")
+        axes[-1, 0].xaxis.get_major_locator().set_params(integer=True)
+        fig.tight_layout()
+        written.append(out / "workload_metrics.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
     return written
