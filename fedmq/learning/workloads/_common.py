@@ -21,20 +21,27 @@ def sgd_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: in
         total, batches = 0.0, 0
         for i in range(0, len(perm), batch_size):
             idx = perm[i : i + batch_size]
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:  # mixed precision on CUDA: fp16 matmuls, fp32 master weights
-                with torch.autocast("cuda", dtype=torch.float16):
-                    loss = loss_fn(model(x[idx]), y[idx])
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss = loss_fn(model(x[idx]), y[idx])
-                loss.backward()
-                opt.step()
+            loss = sgd_step(model, opt, loss_fn, x[idx], y[idx], scaler)
             total, batches = total + float(loss.detach()), batches + 1
         last = total / max(batches, 1)
     return last
+
+
+def sgd_step(model: nn.Module, opt, loss_fn, xb: torch.Tensor, yb: torch.Tensor, scaler=None) -> torch.Tensor:
+    """One optimizer step; with a GradScaler, mixed precision on CUDA (fp16 matmuls,
+    fp32 master weights). Returns the batch loss."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = loss_fn(model(xb), yb)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        opt.step()
+    return loss
 
 
 @torch.no_grad()

@@ -61,6 +61,7 @@ def run(device: str = "cpu", ps: tuple[float, ...] = PS, samples: int = 512, bat
     from fedmq.privacy import he, masking, protection
     from fedmq.protocol import wire
     from fedmq.learning.models import resnet18
+    from fedmq.learning.workloads._common import sgd_step
     from fedmq.privacy.sensitivity import sensitivity_map
 
     dev = torch.device(device)
@@ -84,16 +85,7 @@ def run(device: str = "cpu", ps: tuple[float, ...] = PS, samples: int = 512, bat
         perm = torch.randperm(samples, device=dev)
         for i in range(0, samples, batch_size):
             idx = perm[i:i + batch_size]
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                with torch.autocast("cuda", dtype=torch.float16):
-                    loss = loss_fn(model(x[idx]), y[idx])
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss_fn(model(x[idx]), y[idx]).backward()
-                opt.step()
+            sgd_step(model, opt, loss_fn, x[idx], y[idx], scaler)
         sync()
         return nn.utils.parameters_to_vector(model.parameters()).detach()
 
