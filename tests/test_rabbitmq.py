@@ -35,6 +35,7 @@ def test_round_through_rabbitmq_mqtt(cluster_factory, rabbitmq):
         assert np.abs(decrypted_average(cluster, obs.results[2]) - expected).max() < 1e-6
 
 
+@pytest.mark.long
 def test_provisioned_rabbitmq_permissions_hold(tmp_path):
     """`fedmq broker provision --rabbitmq`: the node loads the definitions; agents
     publish only their own topics and read only their own keys, the aggregator never
