@@ -86,3 +86,25 @@ def test_existing_state_dir_is_not_remoded(tmp_path):
     assert shared.stat().st_mode & 0o777 == 0o755
     fresh = ensure_private_dir(tmp_path / "fresh" / "state")
     assert fresh.stat().st_mode & 0o777 == 0o700
+
+
+def test_cli_version_busy_port_and_ignored_p(tmp_path):
+    """Issue 19: `fedmq --version`; a busy port is one line, not a traceback;
+    `--scheme quantize --p 0.3` is refused instead of silently ignoring --p."""
+    import socket
+    import subprocess
+    import sys
+
+    fedmq = [sys.executable, "-m", "fedmq"]
+    out = subprocess.run([*fedmq, "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("fedmq ")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = subprocess.run([*fedmq, "broker", "--port", str(s.getsockname()[1])], capture_output=True,
+                              text=True, timeout=60)
+    text = busy.stdout + busy.stderr
+    assert busy.returncode == 2 and "Address already in use" in text and "--port" in text
+    assert len(text.strip().splitlines()) == 1 and "Traceback" not in text
+    demo = subprocess.run([*fedmq, "demo", "--scheme", "quantize", "--p", "0.3"], capture_output=True, text=True)
+    assert demo.returncode == 2 and "would be ignored" in demo.stderr

@@ -44,3 +44,9 @@ def test_encrypted_rounds_match_plaintext_fedavg_and_survive_a_kill(cluster_fact
         err = np.abs(decrypted_average(cluster, obs.results[2]) - expected).max()
         assert err < CKKS_BOUND, f"round 2 max abs error {err}"
         assert "1 partial upload(s) discarded" in cluster.log_text("aggregator")
+        # A healthy run is quiet (issue 19): no retained messages of other filters
+        # rejected by the agents, no probe noise from the embedded broker.
+        for a in ("agent-1", "agent-2"):
+            log = cluster.log_text(a)
+            assert "rejected keys/" not in log and "rejected agents/" not in log, log[-2000:]
+        assert "No data to decode" not in cluster.log_text("broker")

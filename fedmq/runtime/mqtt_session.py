@@ -248,6 +248,15 @@ class MqttSession:
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         self.bytes_received += len(msg.payload)
+        with self._lock:
+            filters = list(self._subs)
+        if not any(mqtt.topic_matches_sub(f, msg.topic) for f in filters):
+            # amqtt replays retained messages of *other* clients' filters to a new
+            # subscriber: not ours, not an attack, not worth a warning.
+            log.debug("ignored %s: matches none of our subscriptions", msg.topic)
+            if self._manual_ack and msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
+            return
         self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos))
 
     # ------------------------------------------------------------------ API

@@ -20,6 +20,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Privacy-preserving federated learning over MQTT.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from fedmq import PROTOCOL_VERSION, __version__
+
+        typer.echo(f"fedmq {__version__} (wire protocol v{PROTOCOL_VERSION})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print fedmq's version and exit.")) -> None:
+    """Privacy-preserving federated learning over MQTT."""
+
+
 def _load(model, path: Path):
     try:
         return cfgmod.load(model, path)
@@ -44,7 +58,7 @@ def broker(ctx: typer.Context, port: int = typer.Option(1883, help="TCP port to 
     from broker.embedded import run
 
     cfg = _load(cfgmod.BrokerServerConfig, config) if config else cfgmod.BrokerServerConfig(host=host, port=port)
-    run(cfg)
+    raise typer.Exit(run(cfg))
 
 
 @broker_app.command("provision")
@@ -202,6 +216,10 @@ def demo(agents: int = typer.Option(4, min=2, help="Number of agents."),
     from fedmq.protocol import wire
     from fedmq.tools.demo import run_demo
 
+    if scheme == "quantize" and p not in (0.0, 1.0):
+        typer.echo(f"--scheme quantize encrypts nothing, so --p {p:g} would be ignored; use --scheme quantize+he "
+                   "to encrypt a fraction of the codes", err=True)
+        raise typer.Exit(2)
     try:
         protection = wire.Protection(scheme=scheme, p=p, mode=selection)
     except ValidationError as exc:
