@@ -148,6 +148,12 @@ class Aggregator(Intake, Folding, RoundLifecycle):
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         s = self.session
+        if self.cfg.rounds and self.rounds_done >= self.cfg.rounds:
+            log.warning("task %s already ran its %d training round(s) (state in %s); nothing to do. To go on, raise "
+                        "`rounds` in the config; to start over, give the task a new name (agents keep their model "
+                        "versions, so a fresh aggregator on the old task would wait for nothing)", self.task,
+                        self.rounds_done, self.cfg.state_dir)
+            return
         try:
             self.authority_key = signing.configured_public(
                 self.cfg.authority_key, "authority_key", self.config_path,

@@ -75,3 +75,17 @@ def test_a_ciphertext_failing_half_way_leaves_the_committed_sum(tmp_path):
     assert np.abs(total / 10 - weights).max() < 1e-6  # agent-2's first three ciphertexts are not in it
     with pytest.raises(he.HEError):
         agg.sum.fold(dataclasses.replace(bad), consume=True)
+
+
+def test_finished_task_says_what_to_do(tmp_path, caplog):
+    """Issue 19: re-running a finished aggregator no longer says "resuming at round 6"
+    and silently exits; it says the task is done and how to go on or start over."""
+    import json
+    import logging
+
+    (tmp_path / "aggregator_state.json").write_text(json.dumps({"next_round": 6, "model_version": 5,
+                                                                "rounds_done": 5}))
+    agg = Aggregator(AggregatorConfig(state_dir=tmp_path, rounds=5))
+    with caplog.at_level(logging.WARNING, logger="fedmq.aggregator"):
+        agg.run()
+    assert "already ran its 5 training round(s)" in caplog.text and "raise `rounds`" in caplog.text

@@ -14,7 +14,7 @@ def test_demo_defaults_reach_target_accuracy(tmp_path):
                          capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout + out.stderr
     last = out.stdout.strip().splitlines()[-1]
-    m = re.fullmatch(r"demo: (\d+) rounds closed, final accuracy (\d\.\d\d)", last)
+    m = re.fullmatch(r"demo: (\d+) training rounds closed(?: \(\+ the mask agreement round\))?, final accuracy (\d\.\d\d)", last)
     assert m, last
     assert int(m.group(1)) == 5
     assert float(m.group(2)) >= 0.85

@@ -26,7 +26,7 @@ def test_new_install_and_two_rounds(tmp_path):
                                "--kill-round", "0", "--workdir", str(tmp_path / "run")],
                               capture_output=True, text=True, timeout=300)
         assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-        assert "FedAvg on scaffolded-wl" in demo.stdout and "2 rounds closed" in demo.stdout
+        assert "FedAvg on scaffolded-wl" in demo.stdout and "2 training rounds closed" in demo.stdout
         agent_log = (tmp_path / "run/logs/agent-1.log").read_text()
         assert "workload scaffolded-wl: 178 parameters" in agent_log
     finally:

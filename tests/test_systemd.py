@@ -119,3 +119,17 @@ def test_notify_protocol_reload_and_stop_through_a_real_socket(tmp_path, cluster
 def test_notifier_is_silent_without_systemd(monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert not Notifier().ready("x")
+
+
+def test_install_unit_warns_about_tmp_under_private_tmp(tmp_path):
+    """Issue 19: a unit whose config lies in /tmp cannot start under PrivateTmp=yes: say so."""
+    import subprocess
+    import sys
+
+    conf = tmp_path / "agent.yaml"  # pytest's tmp_path lies under /tmp
+    conf.write_text("agent_id: agent-1\ncredential: abcdefghijklmnopqrstuvwx\nstate_dir: /var/lib/fedmq/agent-1\n")
+    conf.chmod(0o600)
+    run = subprocess.run([sys.executable, "-m", "fedmq", "install-unit", "--config", str(conf), "--out",
+                          str(tmp_path / "fedmq-agent.service")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and (tmp_path / "fedmq-agent.service").exists()
+    assert str(tmp_path).startswith("/tmp/") and "PrivateTmp=yes" in run.stderr

@@ -23,7 +23,8 @@ def render_unit(cfg: AgentConfig, config_path: Path, *, user: str = "fedmq", pyt
     config_path = config_path.resolve()
     state = Path(cfg.state_dir)
     if not state.is_absolute():
-        raise ValueError(f"{config_path}: state_dir must be an absolute path for a service (got {state})")
+        raise ValueError(f"{config_path}: state_dir must be an absolute path for a service (got {state}); "
+                         f"e.g. state_dir: {STATE_ROOT / 'fedmq' / cfg.agent_id} (systemd creates it as StateDirectory=)")
     lines_state = []
     if state.is_relative_to(STATE_ROOT):
         top = state.relative_to(STATE_ROOT).parts[0]

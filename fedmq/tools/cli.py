@@ -193,6 +193,10 @@ def install_unit(config: Path = typer.Option(..., "--config", help="The agent YA
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     typer.echo(f"wrote {out}")
+    for what, path in (("the Python it runs", Path(sys.executable)), ("its config", config.resolve())):
+        if str(path).startswith("/tmp/") or str(path).startswith("/var/tmp/"):
+            typer.echo(f"warning: {what} lies under {path.parent}, but the unit sets PrivateTmp=yes: the service "
+                       "sees an empty /tmp and cannot start. Install fedmq (and its config) outside /tmp.", err=True)
 
 
 @app.command()
@@ -286,7 +290,7 @@ def report(db: Path = typer.Option(Path("state/aggregator/telemetry.sqlite"), "-
 
 
 @app.command()
-def audit(json_out: Path = typer.Option(Path("benchmarks/results/audit.json"), "--json"),
+def audit(json_out: Path = typer.Option(Path("runs/benchmarks/audit.json"), "--json"),
           png: Optional[Path] = typer.Option(None, help="Grid of reconstructions (default: next to the JSON)."),
           quick: bool = typer.Option(False, help="2 seeds, 100 iterations, p in {0.1, 0.3} (< 3 min on 2 cores)."),
           seeds: Optional[int] = typer.Option(None, min=1, help="Images/initializations (default 3; quick 2)."),

@@ -132,7 +132,8 @@ def run_demo(*, agents: int, rounds: int, kill_round: int, workdir: Path | None,
     final = render(observer.rounds if observer else {}, console, f"fedmq demo: FedAvg on {workload or 'digits'} ({what})")
     closed = sum(1 for r, v in (observer.rounds.items() if observer else []) if v.closed and
                  v.closed.status == "aggregated" and r > 0 and v.purpose == "train")
-    print(f"demo: {closed} rounds closed, final accuracy {final if final is not None else 0:.2f}")
+    agreed = " (+ the mask agreement round)" if agreement else ""
+    print(f"demo: {closed} training rounds closed{agreed}, final accuracy {final if final is not None else 0:.2f}")
     if tmp is not None:
         tmp.cleanup()
     return 0 if closed == rounds else 1

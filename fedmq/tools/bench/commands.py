@@ -16,7 +16,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figure
 
 
 @bench_app.command("he")
-def bench_he(json_out: Path = typer.Option(Path("benchmarks/results/he.json"), "--json", help="Where rows go."),
+def bench_he(json_out: Path = typer.Option(Path("runs/benchmarks/he.json"), "--json", help="Where rows go."),
              png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
              quick: bool = typer.Option(False, help="Linear, LeNet-5 and the CNN, one repetition (<2 min)."),
              models: Optional[str] = typer.Option(None, help="Comma-separated subset of linear,lenet5,cnn,resnet18."),
@@ -55,7 +55,7 @@ def bench_he(json_out: Path = typer.Option(Path("benchmarks/results/he.json"), "
 
 @bench_app.command("aggregator-memory")
 def bench_aggregator_memory(
-        json_out: Path = typer.Option(Path("benchmarks/results/aggregator_memory.json"), "--json"),
+        json_out: Path = typer.Option(Path("runs/benchmarks/aggregator_memory.json"), "--json"),
         clients: int = typer.Option(50, min=2, help="Simulated agents uploading at once."),
         params: int = typer.Option(1_663_370, min=1, help="Model size (default: the paper's CNN)."),
         chunk_kib: int = typer.Option(256, min=1)) -> None:
@@ -81,7 +81,7 @@ def bench_aggregator_memory(
 
 
 @bench_app.command("agent-idle")
-def bench_agent_idle(json_out: Path = typer.Option(Path("benchmarks/results/agent_idle.json"), "--json"),
+def bench_agent_idle(json_out: Path = typer.Option(Path("runs/benchmarks/agent_idle.json"), "--json"),
                      workload: Optional[str] = typer.Option(None, help="Configure the agent with this workload.")
                      ) -> None:
     """Resident memory of an enrolled agent waiting for its first round (target <= 80 MB)."""
@@ -102,7 +102,7 @@ def bench_agent_idle(json_out: Path = typer.Option(Path("benchmarks/results/agen
 
 
 @bench_app.command("cycle")
-def bench_cycle(json_out: Path = typer.Option(Path("benchmarks/results/cycle-cpu.json"), "--json"),
+def bench_cycle(json_out: Path = typer.Option(Path("runs/benchmarks/cycle-cpu.json"), "--json"),
                 png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
                 device: str = typer.Option("cpu", help="cpu | cuda"),
                 samples: int = typer.Option(512, min=8, help="Local training samples (one epoch)."),
@@ -127,7 +127,7 @@ def bench_cycle(json_out: Path = typer.Option(Path("benchmarks/results/cycle-cpu
 
 
 @bench_app.command("broker")
-def bench_broker(json_out: Path = typer.Option(Path("benchmarks/results/broker.json"), "--json"),
+def bench_broker(json_out: Path = typer.Option(Path("runs/benchmarks/broker.json"), "--json"),
                  brokers: str = typer.Option("embedded,mosquitto,rabbitmq", help="Which brokers (where installed)."),
                  total_mb: int = typer.Option(32, min=1, help="Megabytes sent per broker and chunk size.")) -> None:
     """Chunk throughput (MB/s, chunks/s) through the embedded broker, mosquitto and RabbitMQ."""
@@ -155,7 +155,7 @@ def bench_broker(json_out: Path = typer.Option(Path("benchmarks/results/broker.j
 
 
 @bench_app.command("accuracy")
-def bench_accuracy(json_out: Path = typer.Option(Path("benchmarks/results/accuracy.json"), "--json"),
+def bench_accuracy(json_out: Path = typer.Option(Path("runs/benchmarks/accuracy.json"), "--json"),
                    png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
                    agents: int = typer.Option(8, min=2), rounds: int = typer.Option(10, min=1),
                    modes: str = typer.Option("none,ckks,quantize,quantize+he,ckks-p0.3,ckks-p0.3-f16",
