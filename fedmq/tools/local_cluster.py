@@ -122,8 +122,11 @@ class Cluster:
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name}.log", "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Its own session: a Ctrl-C at the terminal reaches only the demo or field test,
+        # which then stops the roles in order (agents first, the broker last) — not all
+        # at once, which left agents logging a lost broker while they were being stopped.
         proc = subprocess.Popen([sys.executable, "-m", "fedmq", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=Path(__file__).resolve().parents[2])
+                                env=env, cwd=Path(__file__).resolve().parents[2], start_new_session=True)
         self.procs[name] = proc
         return proc
 
@@ -149,15 +152,20 @@ class Cluster:
             proc.send_signal(sig)
 
     def stop_all(self) -> None:
-        for proc in reversed(list(self.procs.values())):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """Roles first (agents, aggregator, key authority: they say goodbye through the
+        broker), the broker last."""
+        roles = [p for n, p in reversed(list(self.procs.items())) if n != "broker"]
+        broker = [self.procs["broker"]] if "broker" in self.procs else []
+        for group in (roles, broker):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in group:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 class Observer:

@@ -45,7 +45,7 @@ def run(*, seeds: int = 3, iterations: int = 300, quick: bool = False, progress:
     rows, grid = [], {}
     random_psnr = []
     combos = [(m, t) for m in mode_list for t in (("drop", "zero") if "-p" in m else ("drop",))]
-    bar = tqdm(total=seeds * len(combos) * 2, desc="privacy audit", disable=not progress)
+    bar = tqdm(total=seeds * len(combos) * 2, desc="privacy audit", disable=None if progress else True)
     for seed in range(seeds):
         torch.manual_seed(seed)
         model = lenet_sigmoid()

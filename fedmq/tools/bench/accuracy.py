@@ -79,7 +79,8 @@ def run(modes: list[str], agents: int, rounds: int, progress: bool = True) -> li
     from tqdm import tqdm
 
     out = []
-    with tqdm(total=len(modes) * rounds, desc="bench accuracy", unit="round", disable=not progress) as bar:
+    with tqdm(total=len(modes) * rounds, desc="bench accuracy", unit="round",
+                   disable=None if progress else True) as bar:
         for mode in modes:
             bar.set_postfix_str(mode)
             with tempfile.TemporaryDirectory(prefix=f"fedmq-acc-{mode.replace('+', '-')}-") as tmp:

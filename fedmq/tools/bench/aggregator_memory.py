@@ -117,7 +117,8 @@ def run(*, clients: int = 50, params: int = 1_663_370, chunk_kib: int = 256, wor
         peak = 0
         up0 = time.monotonic()
         chunk = chunk_kib * 1024
-        bar = tqdm(total=total * clients, unit="chunk", desc=f"{clients} interleaved uploads", disable=not progress)
+        bar = tqdm(total=total * clients, unit="chunk", desc=f"{clients} interleaved uploads",
+                   disable=None if progress else True)
         for seq in range(total):
             infos = []
             for s in sims:

@@ -64,7 +64,7 @@ def run(brokers: list[str], total_mb: int = 32, sizes=CHUNK_SIZES) -> list[dict]
     from tqdm import tqdm
 
     rows = []
-    bar = tqdm(total=len(brokers) * len(sizes), desc="broker throughput")
+    bar = tqdm(total=len(brokers) * len(sizes), desc="broker throughput", disable=None)
     for name in brokers:
         with tempfile.TemporaryDirectory(prefix=f"fedmq-bench-{name}-") as tmp:
             port = free_port()

@@ -75,7 +75,7 @@ def run(device: str = "cpu", ps: tuple[float, ...] = PS, samples: int = 512, bat
     x, y = x.to(dev), y.to(dev)
     ctx = he.create_secret_context(he.CkksParams(), n_threads=os.cpu_count())
     rows: list[CycleRow] = []
-    bar = tqdm(total=len(ps) * 4, desc=f"cycle on {device}", disable=not progress)
+    bar = tqdm(total=len(ps) * 4, desc=f"cycle on {device}", disable=None if progress else True)
 
     def train(model) -> np.ndarray:
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

@@ -207,7 +207,7 @@ def run(models: list[str], ps: tuple[float, ...] = PS, reps: int = 3, progress: 
     keys = (ctx, he.load_context(he.serialize_public(ctx)), bfv, he.load_context(he.serialize_public(bfv)))
     cases = _cases(modes, ps)
     rows: list[Row] = []
-    bar = tqdm(total=len(models) * (len(cases) + 2), desc="bench he", unit="step", disable=not progress)
+    bar = tqdm(total=len(models) * (len(cases) + 2), desc="bench he", unit="step", disable=None if progress else True)
     for name in models:
         bar.set_postfix_str(f"{name}: weights")
         weights, layers, base, sizes = client_weights(name)
