@@ -173,8 +173,12 @@ class RoundWork:
 
     def _trainer(self):
         if self.trainer is None:
-            from agent.workload_trainer import WorkloadTrainer  # torch only once there is work
+            try:
+                from agent.workload_trainer import WorkloadTrainer  # torch only once there is work
+            except (ImportError, OSError) as exc:  # e.g. a CUDA-only torch on a GPU-less Pi
+                from fedmq.learning.torch_check import explain
 
+                raise StartRefused(f"cannot train: {explain(str(exc))}") from exc
             self.trainer = WorkloadTrainer(self.cfg)
         return self.trainer
 

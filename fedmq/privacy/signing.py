@@ -103,7 +103,7 @@ def resolve_public(value: str, *, relative_to: Path | None = None) -> bytes:
         text = path.read_text().strip().lower()
     except OSError as exc:
         raise ValueError(f"neither 64 hex characters nor a readable public key file ({value}: {exc.strerror}); "
-                         "`fedmq signing-key --config ROLE.yaml` creates a role's key and prints it") from None
+                         "`fedmq signing-key ROLE --config ROLE.yaml` creates a role's key and prints it") from None
     if not _HEX.match(text):
         raise ValueError(f"{path} does not hold an Ed25519 public key (64 hex characters)")
     return bytes.fromhex(text)

@@ -161,6 +161,50 @@ def model_export(state_dir: Path = typer.Option(..., "--state-dir", help="An age
                f"metrics {meta['metrics']}")
 
 
+@app.command()
+def doctor(config: Optional[Path] = typer.Option(None, "--config", help="An agent YAML to check as well.")) -> None:
+    """Check this machine for an agent: Python, the libraries, torch (a CUDA-only build on a GPU-less
+    board is explained, not dumped as a traceback) and, with --config, the agent's own settings."""
+    import importlib
+
+    from fedmq.learning import torch_check
+
+    problems = 0
+
+    def report(ok: bool, what: str, detail: str) -> None:
+        nonlocal problems
+        problems += not ok
+        typer.echo(f"{'ok ' if ok else 'BAD'}  {what}: {detail}")
+
+    report(sys.version_info >= (3, 10), "python", sys.version.split()[0])
+    for mod in ("paho.mqtt.client", "tenseal", "msgpack", "psutil", "yaml", "cryptography", "pydantic", "numpy"):
+        try:
+            importlib.import_module(mod)
+            report(True, mod, "imports")
+        except Exception as exc:  # any failure is the finding
+            report(False, mod, f"{type(exc).__name__}: {exc}")
+    ok, detail = torch_check.check()
+    report(ok, "torch", detail)
+    if config is not None:
+        from fedmq.learning import workload as workload_api
+        from fedmq.privacy import signing
+
+        cfg = _load(cfgmod.AgentConfig, config)
+        try:
+            signing.configured_public(cfg.authority_key, "authority_key", config, "grants must be signed",
+                                      "keyauthority")
+            report(True, "authority_key", "resolves to an Ed25519 public key")
+        except ValueError as exc:
+            report(False, "authority_key", str(exc))
+        name = cfg.workload.name if cfg.workload else "digits-mlp"
+        try:
+            report(True, "workload", workload_api.check_reference(name))
+        except workload_api.WorkloadError as exc:
+            report(False, "workload", str(exc))
+    typer.echo("all good" if not problems else f"{problems} problem(s)")
+    raise typer.Exit(1 if problems else 0)
+
+
 @app.command("new")
 def new(name: str = typer.Argument(..., help="The workload's name (and its package's)."),
         out: Path = typer.Option(Path("."), help="Where the project directory goes.")) -> None:
