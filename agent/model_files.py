@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,13 @@ def _state_dict(weights: np.ndarray, layout: list) -> dict[str, np.ndarray]:
     return out
 
 
-def write_model_info(state_dir: Path, rnd: int, trainer, metrics: dict[str, float], *,
-                     keep_checkpoints: int | None, weights: np.ndarray) -> None:
+def save(state_dir: Path, rnd: int, weights: np.ndarray, trainer, metrics: dict[str, float], *,
+         keep_checkpoints: int | None) -> None:
+    """The adopted global model: ``model.npz`` (atomically: a crash leaves the old or
+    the new, and a restart resumes from it), ``model.json``, and a checkpoint if kept."""
+    tmp = state_dir / "model.tmp.npz"
+    np.savez(tmp, version=rnd, weights=weights)
+    os.replace(tmp, state_dir / "model.npz")
     info = {"round": rnd, "fingerprint": trainer.fingerprint.hex(), "workload": trainer.settings.name,
             "layout": [[n, list(s), d] for n, s, d in trainer.layout], "metrics": metrics}
     write_private(state_dir / INFO, json.dumps(info).encode())

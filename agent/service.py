@@ -67,6 +67,7 @@ class Agent(Enrollment, RoundWork, Results):
         # Round traffic that arrives before our keys (a persistent session of a wiped
         # device, retained starts): it waits here until enrollment is done.
         self._before_keys: list[Inbound] = []
+        self._before_keys_bytes = 0
         self.seen_starts: dict[int, wire.RoundStart] = {}  # round -> its start, as received
         # A result whose start has not arrived yet (brokers may reorder retained
         # messages across subscriptions): held, and handled when its start arrives.
@@ -85,7 +86,6 @@ class Agent(Enrollment, RoundWork, Results):
         self.handled_rounds: set[int] = set()
         self.clocks: dict[int, PhaseClock] = {}
         self.sent_bytes: dict[int, int] = {}
-        self.last_accuracy: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, stop: threading.Event | None = None, reload: threading.Event | None = None) -> None:
@@ -112,7 +112,7 @@ class Agent(Enrollment, RoundWork, Results):
         s.subscribe(topics.roll_call(self.task))
         self._announce_online()
         s.on_reconnect = self._announce_online
-        waiting, self._before_keys = self._before_keys, []
+        waiting, self._before_keys, self._before_keys_bytes = self._before_keys, [], 0
         for msg in waiting:
             self.dispatch(msg)
         log.info("%s online and waiting for rounds of task %s", self.id, self.task)
@@ -135,14 +135,13 @@ class Agent(Enrollment, RoundWork, Results):
         first round; importing it (and torch) waits for that round."""
         from fedmq.learning import workload as workload_api
 
-        name = self.cfg.workload.name if self.cfg.workload else "digits-mlp"
+        settings = self.cfg.effective_workload()
         try:
-            workload_api.check_reference(name)
+            workload_api.check_reference(settings.name)
         except workload_api.WorkloadError as exc:
             raise StartRefused(f"{exc}" + (f" (workload.name in {self.config_path})" if self.config_path else ""))
-        data_dir = self.cfg.workload.data_dir if self.cfg.workload else None
-        if data_dir is not None and not Path(data_dir).is_dir():
-            raise StartRefused(f"workload.data_dir {data_dir} is not a directory"
+        if settings.data_dir is not None and not Path(settings.data_dir).is_dir():
+            raise StartRefused(f"workload.data_dir {settings.data_dir} is not a directory"
                                + (f" ({self.config_path})" if self.config_path else ""))
 
     def _alive(self) -> bool:
@@ -201,12 +200,6 @@ class Agent(Enrollment, RoundWork, Results):
         self.session.close()
 
 
-
-
-
-
-
-
     def _load_state(self) -> None:
         """Keys and the last global model from the state directory (a restart resumes)."""
         if self._keys_file.exists():
@@ -238,12 +231,12 @@ class Agent(Enrollment, RoundWork, Results):
                 return  # a retained message being cleared
             info = topics.parse(msg.topic)
             if self._keys is None and info.family != "key":
-                waiting = sum(len(m.payload) for m in self._before_keys)
-                if waiting + len(msg.payload) <= MAX_WAITING_BEFORE_KEYS:
+                if self._before_keys_bytes + len(msg.payload) <= MAX_WAITING_BEFORE_KEYS:
                     self._before_keys.append(msg)  # handled once enrolled
+                    self._before_keys_bytes += len(msg.payload)
                 else:
                     log.warning("%s dropped %s: %d bytes of messages already wait for enrollment", self.id,
-                                msg.topic, waiting)
+                                msg.topic, self._before_keys_bytes)
                 return
             env = wire.decode_envelope(msg.payload, max_bytes=MAX_MESSAGE_BYTES)
             wire.check_against_topic(env, info, task=self.task)
@@ -274,28 +267,6 @@ class Agent(Enrollment, RoundWork, Results):
             raise
         except Exception:  # a daemon under Restart=on-failure must not crash-loop on one message
             log.exception("%s: internal error handling %s; message dropped", self.id, msg.topic)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def run(cfg: AgentConfig, config_path: Path | None = None) -> int:

@@ -25,7 +25,7 @@ from torch import nn
 from agent.enrollment import StartRefused
 from fedmq.learning import workload as workload_api
 from fedmq.learning.models import layer_sizes
-from fedmq.runtime.config import AgentConfig, WorkloadSettings
+from fedmq.runtime.config import AgentConfig
 
 log = logging.getLogger("fedmq.agent.training")
 
@@ -36,18 +36,6 @@ class WorkloadFailure(RuntimeError):
 
 class WorkloadUnusable(StartRefused):
     """The workload cannot be loaded at all: the agent stops (exit 2)."""
-
-
-def settings_of(cfg: AgentConfig) -> WorkloadSettings:
-    """The agent's workload; without a ``workload:`` section, digits-mlp configured by
-    the model/data/train sections (how agents were configured before workloads)."""
-    if cfg.workload is not None:
-        return cfg.workload
-    m, d, t = cfg.model, cfg.data, cfg.train
-    return WorkloadSettings(name="digits-mlp", init_seed=m.init_seed, options={
-        "hidden": list(m.hidden), "shard": d.shard, "num_shards": d.num_shards, "seed": d.seed,
-        "test_fraction": d.test_fraction, "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
-        "mixed_precision": t.mixed_precision})
 
 
 def pick_device(wanted: str) -> torch.device:
@@ -93,7 +81,7 @@ def file_initial(path: Path, sha256: str, layout: list[tuple[str, tuple[int, ...
 
 class WorkloadTrainer:
     def __init__(self, cfg: AgentConfig) -> None:
-        self.settings = settings_of(cfg)
+        self.settings = cfg.effective_workload()
         torch.set_num_threads(cfg.train.torch_threads)
         self.device = pick_device(cfg.train.device)
         try:
@@ -167,15 +155,6 @@ class WorkloadTrainer:
 
     def layer_sizes(self) -> list[int]:
         return layer_sizes(self.model)
-
-    def state_dict(self, weights: np.ndarray) -> dict[str, np.ndarray]:
-        """Flat weights as named tensors (for export), in the model's own dtypes."""
-        out, pos = {}, 0
-        for name, shape, dtype in self.layout:
-            n = math.prod(shape)
-            out[name] = weights[pos:pos + n].reshape(shape).astype(dtype)
-            pos += n
-        return out
 
 
 def _finite_metrics(metrics, where: str) -> dict[str, float]:

@@ -22,6 +22,16 @@ log = logging.getLogger("fedmq.aggregator")
 class Folding:
     """Verify a whole update, then fold it into the running sum."""
 
+    @property
+    def n_encrypted(self) -> int | None:
+        """Encrypted values per update in the open round, once its layout is agreed."""
+        return None if self._agreed_key is None else self._agreed_key[1]
+
+    @property
+    def code_layout(self) -> list[tuple[int, int]] | None:
+        """(codes, width) per segment of the open round's updates, once agreed."""
+        return None if self._agreed_key is None else [tuple(c) for c in self._agreed_key[4]]
+
     def _fold(self, done: Completed) -> None:
         """Verify a whole update; fold it once the round's layout is agreed.
 
@@ -42,7 +52,7 @@ class Folding:
                            f"max_samples bound of {self.max_samples}")
         plain = self._check_layout(st, update)
         key = _layout_key(update)
-        if self.n_encrypted is not None:  # agreed earlier this round
+        if self._agreed_key is not None:  # agreed earlier this round
             if key != self._agreed_key:
                 raise Rejected(f"{env.sender}'s update has layout {_describe(key)}; the round agreed on "
                                f"{_describe(self._agreed_key)}")
@@ -92,13 +102,11 @@ class Folding:
                     else RoundSum(quantized=self.sum.quantized, ckks=self.ctx, bfv=self.bfv_ctx)
             raise
         st.record(env.sender, update.num_samples, time.time())
-        self.code_layout = [(len(c) // w, w) for c, w in zip(update.codes, update.code_widths)]
-        self.store.fold(st, {"n_encrypted": update.n_encrypted, "code_layout": self.code_layout,
-                             "agreed": layout_to_json(_layout_key(update))},
-                        self.sum.meta_bytes(), self.sum.serialized_ciphertexts())
-        self.agg_s += time.perf_counter() - t0
-        self.n_params, self.n_encrypted = update.n_params, update.n_encrypted
         self._agreed_key = _layout_key(update)
+        self.store.fold(st, {"agreed": layout_to_json(self._agreed_key)}, self.sum.meta_bytes(),
+                        self.sum.serialized_ciphertexts())
+        self.agg_s += time.perf_counter() - t0
+        self.n_params = update.n_params
         if self.fingerprint is None and update.fingerprint is not None:
             self.fingerprint = update.fingerprint
             log.info("task model fixed by a quorum of verified updates: fingerprint %s", update.fingerprint.hex()[:16])

@@ -14,6 +14,7 @@ from fedmq.privacy import he, masking
 from fedmq.protocol import topics, wire
 from fedmq.privacy.aggregation import RoundSum
 
+from aggregator.intake import RECENT_ROUNDS
 from aggregator.round_state import Decision, Outcome, RoundState
 
 log = logging.getLogger("fedmq.aggregator")
@@ -79,8 +80,8 @@ class RoundLifecycle:
         self._round_opened = time.monotonic()
         self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline, purpose=purpose,
                                 offline_grace_s=self.cfg.offline_grace_s)
-        self.n_encrypted, self.code_layout, self.bytes_received, self.agg_s = None, None, 0, 0.0
-        self._held, self._agreed_key = {}, None
+        self.bytes_received, self.agg_s = 0, 0.0
+        self._held, self._agreed_key = {}, None  # the round's layout: agreed by a quorum of its updates
         self.sum = RoundSum(quantized=self.protection.scheme != "ckks" and purpose == "train",
                             ckks=self.ctx, bfv=self.bfv_ctx)
         start = wire.RoundStart(model_version=self.model_version, deadline=deadline, selected=selected,
@@ -132,6 +133,10 @@ class RoundLifecycle:
         self._last_participants = (st.round, participants)
         self.sum = None  # free the sums: O(model) memory per open round only
         self.next_round = st.round + 1
+        # Telemetry is taken for recent rounds only (intake.RECENT_ROUNDS): forget older ones,
+        # or a fleet running for months grows this set without bound.
+        oldest = self.next_round - RECENT_ROUNDS
+        self._telemetry_seen = {k for k in self._telemetry_seen if k[0] >= oldest}
         if st.purpose == "train":
             self.rounds_done += 1
         elif decision.outcome is Outcome.AGGREGATE:

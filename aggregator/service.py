@@ -65,9 +65,7 @@ class Aggregator(Intake, Folding, RoundLifecycle):
         self.gone: set[str] = set()  # seen online once, now offline: not worth waiting for
         self.state: RoundState | None = None
         self.sum: RoundSum | None = None  # the open round's running sum
-        self.code_layout: list[tuple[int, int]] | None = None  # (codes, width) per segment of the open round
-        self.n_encrypted: int | None = None  # layout of the open round, once a quorum of updates agreed on it
-        self._agreed_key: tuple | None = None
+        self._agreed_key: tuple | None = None  # the open round's layout, once a quorum of updates agreed on it
         self._held: dict[tuple, list] = {}  # layout -> completed updates waiting for a quorum to agree
         self.protection = cfg.protection or wire.Protection()  # replaced by the policy's
         self.max_samples = 1_000_000  # per update; the policy's bound once it arrives
@@ -201,7 +199,6 @@ class Aggregator(Intake, Folding, RoundLifecycle):
         log.info("aggregator done after %d training round(s)", self.rounds_done)
 
 
-
     def _resume(self) -> bool:
         """Pick up the round that was open when this process died (``kill -9``): its
         state, its running sum, and the chunks of unfinished uploads. Agents that had
@@ -214,8 +211,6 @@ class Aggregator(Intake, Folding, RoundLifecycle):
             self.store.close()
             return False
         self.state = st
-        self.n_encrypted = layout.get("n_encrypted")
-        self.code_layout = [tuple(x) for x in layout["code_layout"]] if layout.get("code_layout") else None
         self._held, self._agreed_key = {}, layout_from_json(layout["agreed"]) if layout.get("agreed") else None
         quantized = self.protection.scheme != "ckks" and st.purpose == "train"
         self.sum = self._stored_sum(blob) if blob else \
@@ -244,25 +239,6 @@ class Aggregator(Intake, Folding, RoundLifecycle):
         for agent in sorted(st.selected - st.weights.keys()):
             self._ask_for_missing(agent)
         return True
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _protection_key(prot: wire.Protection) -> list:

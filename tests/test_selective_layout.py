@@ -48,7 +48,7 @@ def test_wrong_packing_rejected(tmp_path, kw, reason):
 
 def test_layout_must_match_round_and_p(tmp_path):
     agg = _agg(tmp_path, p=0.3)
-    agg.n_encrypted = 4
+    agg._agreed_key = (10, 4, None, "float32", (), None)  # the round agreed on 4 encrypted values
     with pytest.raises(Rejected, match="this round's updates have 4"):
         agg._check_layout(_round(), _update())
     with pytest.raises(Rejected, match="p=1.0"):

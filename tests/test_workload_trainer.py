@@ -50,9 +50,7 @@ def test_checkpoints_keep_the_last_k_and_export(tmp_path):
     state.mkdir()
     for rnd in (1, 2, 3):
         weights = trainer.train(trainer.initial_weights(), rnd)
-        np.savez(state / "model.npz", version=rnd, weights=weights)
-        model_files.write_model_info(state, rnd, trainer, trainer.evaluate(weights), keep_checkpoints=2,
-                                     weights=weights)
+        model_files.save(state, rnd, weights, trainer, trainer.evaluate(weights), keep_checkpoints=2)
     kept = sorted(p.name for p in (state / "checkpoints").glob("*.safetensors"))
     assert kept == ["round-2.safetensors", "round-3.safetensors"]
     meta = model_files.export(state, tmp_path / "r2.safetensors", 2)

@@ -172,6 +172,17 @@ class AgentConfig(_Section):
     # None: digits-mlp, configured by the model/data/train sections above (as before workloads).
     workload: WorkloadSettings | None = None
     checkpoints: Annotated[int, Field(ge=1)] | None = None  # keep the last K global models as safetensors
+
+    def effective_workload(self) -> WorkloadSettings:
+        """The agent's workload; without a ``workload:`` section, digits-mlp configured by
+        the model/data/train sections (how agents were configured before workloads)."""
+        if self.workload is not None:
+            return self.workload
+        m, d, t = self.model, self.data, self.train
+        return WorkloadSettings(name="digits-mlp", init_seed=m.init_seed, options={
+            "hidden": list(m.hidden), "shard": d.shard, "num_shards": d.num_shards, "seed": d.seed,
+            "test_fraction": d.test_fraction, "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
+            "mixed_precision": t.mixed_precision})
     # Fills in what this file leaves unset (device, threads, batch and chunk size,
     # memory ceiling): auto | raspberry-pi | laptop | gpu-server. See device_profiles.py.
     profile: Literal["auto", "raspberry-pi", "laptop", "gpu-server", "none"] = "none"

@@ -196,9 +196,8 @@ def doctor(config: Optional[Path] = typer.Option(None, "--config", help="An agen
             report(True, "authority_key", "resolves to an Ed25519 public key")
         except ValueError as exc:
             report(False, "authority_key", str(exc))
-        name = cfg.workload.name if cfg.workload else "digits-mlp"
         try:
-            report(True, "workload", workload_api.check_reference(name))
+            report(True, "workload", workload_api.check_reference(cfg.effective_workload().name))
         except workload_api.WorkloadError as exc:
             report(False, "workload", str(exc))
     typer.echo("all good" if not problems else f"{problems} problem(s)")

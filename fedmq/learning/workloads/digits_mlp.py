@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedmq.learning.models import mlp
 from fedmq.learning.workload import Workload
-from fedmq.learning.workloads._common import classification_metrics, sgd_epochs, split_indices
+from fedmq.learning.workloads.classifier_training import classification_metrics, sgd_epochs, split_indices
 
 
 class Options(BaseModel):

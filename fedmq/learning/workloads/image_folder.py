@@ -16,7 +16,7 @@ from torch import nn
 
 from fedmq.learning.models import cnn
 from fedmq.learning.workload import Workload
-from fedmq.learning.workloads._common import classification_metrics, sgd_epochs, split_indices
+from fedmq.learning.workloads.classifier_training import classification_metrics, sgd_epochs, split_indices
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 

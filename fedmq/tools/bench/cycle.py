@@ -61,7 +61,7 @@ def run(device: str = "cpu", ps: tuple[float, ...] = PS, samples: int = 512, bat
     from fedmq.privacy import he, masking, protection
     from fedmq.protocol import wire
     from fedmq.learning.models import resnet18
-    from fedmq.learning.workloads._common import sgd_step
+    from fedmq.learning.workloads.classifier_training import sgd_step
     from fedmq.privacy.sensitivity import sensitivity_map
 
     dev = torch.device(device)
