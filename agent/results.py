@@ -5,7 +5,6 @@ are settled and resend requests answered; telemetry reports the round's costs.""
 from __future__ import annotations
 
 import logging
-import os
 import resource
 from pathlib import Path
 
@@ -53,6 +52,9 @@ class Results:
         if result.base_version != start.model_version:
             raise wire.WireError(f"round {rnd} trained from model {start.model_version}, its result says "
                                  f"{result.base_version}")
+        if result.purpose == "train" and result.n_params != self._trainer().n_params:
+            raise wire.WireError(f"round {rnd}'s model has {result.n_params} parameters, this agent's workload "
+                                 f"{self._trainer().n_params}: not adopted (another workload than the task's)")
         if result.scheme != "ckks" and result.base_version != 0 and result.base_version not in self.models:
             raise wire.WireError(f"round {rnd}'s quantized result adds to model version {result.base_version}, "
                                  "which this agent does not hold (it missed that round); skipping it")
@@ -99,12 +101,8 @@ class Results:
     def _adopt(self, rnd: int, weights: np.ndarray, metrics: dict[str, float], result: wire.Result) -> None:
         self.models = {rnd: weights}
         self.latest_version = rnd
-        tmp = Path(self.cfg.state_dir) / "model.tmp.npz"
-        np.savez(tmp, version=rnd, weights=weights)
-        os.replace(tmp, Path(self.cfg.state_dir) / "model.npz")  # atomic: a crash leaves the old or the new
-        model_files.write_model_info(Path(self.cfg.state_dir), rnd, self.trainer, metrics,
-                                     keep_checkpoints=self.cfg.checkpoints, weights=weights)
-        self.last_accuracy = metrics.get("accuracy")
+        model_files.save(Path(self.cfg.state_dir), rnd, weights, self.trainer, metrics,
+                         keep_checkpoints=self.cfg.checkpoints)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no metrics"
         log.info("%s: round %d result from %d agents decrypted; test accuracy %s (%s)", self.id, rnd,
                  len(result.participants), f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "n/a", shown)

@@ -72,6 +72,13 @@ class RoundWork:
             log.info("%s: round %d is past its deadline; skipping", self.id, rnd)
             self.handled_rounds.add(rnd)
             return
+        try:
+            self._check_fingerprint(rnd, start)  # before parking: a mismatch never becomes ready
+        except RoundSkipped as exc:
+            self.handled_rounds.add(rnd)
+            log.error("%s: sitting round %d out: %s", self.id, rnd, exc)
+            self._sit_out(rnd, str(exc))
+            return
         if not self._ready_for(start):
             log.info("%s: round %d waits for model %d / mask round %d", self.id, rnd,
                      start.model_version, start.mask_round)
@@ -91,7 +98,6 @@ class RoundWork:
         self._busy_until = start.deadline + 60
         self.notifier.status(f"round {rnd}: {start.purpose}")
         try:
-            self._check_fingerprint(rnd, start)
             if start.purpose == "sensitivity":
                 self._send_sensitivity(rnd, start)
             else:
