@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 
 from agent.enrollment import EnrollmentRefused, StartRefused
-from fedmq.privacy import he, masking, protection
+from fedmq.privacy import client_dp, he, masking, protection
 from fedmq.protocol import topics, wire
 from fedmq.runtime.mqtt_session import BrokerError
 from fedmq.runtime.telemetry import PhaseClock
@@ -210,15 +210,20 @@ class RoundWork:
         if time.time() > start.deadline:
             raise RoundSkipped(f"training ran past round {rnd}'s deadline")
         n = trainer.num_samples
+        if prot.dp is not None:  # clipped change plus our share of the noise, every update weighted 1
+            change, clipped = client_dp.privatize(weights - base, prot.dp, self._rng)
+            weights, n = base + change, 1
+            self.dp_clipped[rnd] = clipped
         if self.cfg.faults.oracle_dir is not None:
             self._dump_oracle(f"round{rnd}", weights=weights, num_samples=n, mask=mask, base=base)
+        secure = self._round_masking(rnd, start) if prot.secure_masking else None
         if prot.scheme != "ckks":
             if self.plan is None:
                 raise he.HEError("the task quantizes but the key authority sent no quantization plan")
             with clock.phase("encrypt"):  # quantize, and BFV-encrypt the selected codes
                 update, clipped = protection.protect_quantized(
                     self.bfv, self.plan, weights - base, n, mask, trainer.layer_sizes(), self._rng,
-                    len(start.selected), digest)
+                    len(start.selected), digest, secure)
                 update = dataclasses.replace(update, fingerprint=trainer.fingerprint)
             self.clipped[rnd] = clipped
             if clipped:
@@ -227,9 +232,25 @@ class RoundWork:
         else:
             with clock.phase("encrypt"):
                 update = protection.protect_ckks(self.ctx, weights, n, mask, prot.plain_dtype,
-                                                 len(start.selected), digest)
+                                                 len(start.selected), digest, secure, self._rng)
                 update = dataclasses.replace(update, fingerprint=trainer.fingerprint)
         self._upload(rnd, clock, update)
+
+    def _round_masking(self, rnd: int, start: wire.RoundStart) -> protection.RoundMasking:
+        keys = self._keys
+        if keys.mask_key is None:
+            raise RoundSkipped("the task masks updates but our keys carry no mask key (granted by an older key "
+                               "authority): delete keys.bin from the state dir to re-enroll")
+        missing = [a for a in start.selected if a not in keys.mask_roster]
+        if missing:
+            raise RoundSkipped(f"selected agents {missing[:5]} are not in the key authority's roster: their "
+                               "masks could not cancel")
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        return protection.RoundMasking(
+            me=self.id, key=X25519PrivateKey.from_private_bytes(keys.mask_key), roster=dict(keys.mask_roster),
+            selected=list(start.selected), task=self.task, round=rnd,
+            max_weight=1 if start.protection.dp is not None else keys.policy.max_samples)
 
     def _send_sensitivity(self, rnd: int, start: wire.RoundStart) -> None:
         """Step 1 of the mask agreement: our sensitivity map, encrypted, weighted by our samples."""

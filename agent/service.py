@@ -79,6 +79,7 @@ class Agent(Enrollment, RoundWork, Results):
         self.sensitivity: dict[int, np.ndarray] = {}  # sensitivity round -> decrypted aggregate map
         self.masks: dict[bytes, np.ndarray] = {}  # mask digest -> mask
         self.clipped: dict[int, int] = {}  # round -> values clipped to the quantization plan
+        self.dp_clipped: dict[int, bool] = {}  # round -> whether DP clipping shortened the update
         # Encoded updates kept on disk until the round's result: the aggregator may ask
         # for chunks it lacks after its restart, our reconnect or our restart.
         self.uploads = KeptUploads(Path(cfg.state_dir))

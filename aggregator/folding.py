@@ -47,6 +47,9 @@ class Folding:
             update, count = update_stream.read_update(done.parts, limit)
         else:  # quantized updates are small (a few bytes per parameter): decoded whole
             update, count = wire.decode_body("update", b"".join(done.parts())), 0
+        if self.protection.dp is not None and st.purpose == "train" and update.num_samples != 1:
+            raise Rejected(f"{env.sender} declares {update.num_samples} samples; under differential privacy every "
+                           "update counts with weight 1")
         if update.num_samples > self.max_samples:
             raise Rejected(f"{env.sender} declares {update.num_samples} samples, over the policy's "
                            f"max_samples bound of {self.max_samples}")
@@ -142,17 +145,21 @@ class Folding:
             if self.mask_digest is not None and update.mask_digest != self.mask_digest:
                 got = update.mask_digest.hex()[:16] if update.mask_digest else "none"
                 raise Rejected(f"mask digest {got} differs from the task's mask {self.mask_digest.hex()[:16]}")
-            if update.plain_dtype != prot.plain_dtype:
-                raise Rejected(f"plaintext part is {update.plain_dtype}; the task sends {prot.plain_dtype}")
+            want = "ring32" if prot.secure_masking and update.n_encrypted < update.n_params else prot.plain_dtype
+            if update.plain_dtype != want:
+                raise Rejected(f"plaintext part is {update.plain_dtype}; the task sends {want}"
+                               + (" (secure masking is on: an unmasked update would expose this agent)"
+                                  if want == "ring32" else ""))
         if self.n_encrypted is not None and update.n_encrypted != self.n_encrypted:
             raise Rejected(f"{update.n_encrypted} encrypted values; this round's updates have {self.n_encrypted}")
-        dtype = np.dtype(update.plain_dtype).newbyteorder("<")
+        masked = update.plain_dtype == "ring32"
+        dtype = np.dtype("<u4") if masked else np.dtype(update.plain_dtype).newbyteorder("<")
         expected = (update.n_params - update.n_encrypted) * dtype.itemsize
         if len(update.plain) != expected:
             raise Rejected(f"wrong packing length: plaintext part has {len(update.plain)} bytes, "
                            f"expected {expected}")
         plain = np.frombuffer(update.plain, dtype=dtype)
-        if not np.isfinite(plain).all():
+        if not masked and not np.isfinite(plain).all():
             raise Rejected("plaintext part holds NaN or infinity")
         return plain
 
@@ -167,6 +174,10 @@ class Folding:
             raise Rejected("no BFV parameters from the key authority yet")
         if len(update.codes) != len(update.code_widths):
             raise Rejected(f"{len(update.codes)} code segments but {len(update.code_widths)} widths")
+        allowed = (2, 4) if prot.secure_masking else (1, 2)
+        if any(w not in allowed for w in update.code_widths):
+            raise Rejected(f"code widths {sorted(set(update.code_widths))}; the task's "
+                           f"{'masked' if prot.secure_masking else 'unmasked'} codes are {allowed} bytes wide")
         lengths = []
         for seg, width in zip(update.codes, update.code_widths):
             if len(seg) % width:

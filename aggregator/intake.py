@@ -73,7 +73,8 @@ class Intake:
             env = wire.decode_envelope(msg.payload, max_bytes=self.cfg.max_message_bytes)
             wire.check_against_topic(env, info, task=self.task)
             handler = {"update": self._on_update_chunk, "status": self._on_status,
-                       "public_context": self._on_public_context, "telemetry": self._on_telemetry}.get(info.family)
+                       "public_context": self._on_public_context, "telemetry": self._on_telemetry,
+                       "mask_correction": self._on_mask_correction}.get(info.family)
             if handler is None:
                 raise wire.WireError(f"aggregator does not consume {info.family} messages")
             self._inbound_bytes = len(msg.payload)

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 
 import numpy as np
 
-from fedmq.privacy import he, masking
+from fedmq.privacy import client_dp, he, masking
 from fedmq.protocol import topics, wire
 from fedmq.privacy.aggregation import RoundSum
 
 from aggregator.intake import RECENT_ROUNDS
 from aggregator.round_state import Decision, Outcome, RoundState
+from aggregator.unmasking import UnmaskFailed
 
 log = logging.getLogger("fedmq.aggregator")
 
@@ -93,13 +95,38 @@ class RoundLifecycle:
         log.info("round %d (%s) open: %d agents selected, quorum %d, deadline in %.0fs, p=%s",
                  rnd, purpose, len(selected), quorum, self.cfg.round_timeout_s, self.protection.p)
 
-    def _close_round(self, decision: Decision) -> Outcome:
+    def _dp_budget_left(self) -> bool:
+        """Differential privacy: open no training round that would overspend the budget."""
+        dp = self.protection.dp
+        if dp is None or self._needs_mask_agreement() or client_dp.budget_allows(dp, self.dp_rounds):
+            return True
+        log.warning("privacy budget spent: %d aggregated round(s) reach epsilon %.3g of %.3g at delta %.1g; another "
+                    "would exceed it, so no further round opens", self.dp_rounds,
+                    client_dp.epsilon_after(dp.noise_multiplier, self.dp_rounds, dp.delta), dp.epsilon, dp.delta)
+        return False
+
+    def _account_dp(self, rnd: int) -> None:
+        dp = self.protection.dp
+        self.dp_rounds += 1
+        eps = client_dp.epsilon_after(dp.noise_multiplier, self.dp_rounds, dp.delta)
+        self.metrics.dp_epsilon.set(eps)
+        self.telemetry.record_round_metric(rnd, "dp_epsilon", eps)
+        log.info("round %d: privacy spent so far epsilon %.3f at delta %.1g (budget %.3g)", rnd, eps, dp.delta,
+                 dp.epsilon)
+
+    def _close_round(self, decision: Decision, stop=None) -> Outcome:
         st = self.state
         st.closed = True
         dropped_partials = self.chunks.discard(keep=lambda key: key[1] > st.round)
         participants = sorted(st.weights)
         chunks = 0
         result = None
+        if decision.outcome is Outcome.AGGREGATE and self._round_is_masked():
+            try:
+                self._unmask(stop or threading.Event())
+            except UnmaskFailed as exc:
+                log.error("round %d: %s; aborting the round", st.round, exc)
+                decision = Decision(Outcome.ABORT, f"sum could not be unmasked: {exc}")
         if decision.outcome is Outcome.AGGREGATE:
             t0 = time.perf_counter()
             try:
@@ -117,6 +144,8 @@ class RoundLifecycle:
                                      task=self.task, rnd=st.round, chunk_size=self.cfg.chunk_size, retain=True)
             if st.purpose == "train":
                 self.model_version = st.round
+                if self.protection.dp is not None:
+                    self._account_dp(st.round)
         closed = wire.RoundClosed(status=decision.outcome.value, participants=participants, dropped=st.dropped,
                                   reason=decision.reason, total_weight=min(st.total_weight, 1 << 62),
                                   bytes_received=self.bytes_received, agg_s=self.agg_s)

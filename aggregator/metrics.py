@@ -36,6 +36,8 @@ class Metrics:
                                     registry=r)
         self.workload = Gauge("fedmq_workload_metric", "What the agent's workload reported for its last round",
                               ["agent", "metric"], registry=r)
+        self.dp_epsilon = Gauge("fedmq_dp_epsilon", "Differential privacy spent so far (epsilon at the task's "
+                                "delta)", registry=r)
         self.port = port
         if port:
             start_http_server(port, addr=host, registry=r)

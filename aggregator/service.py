@@ -24,12 +24,13 @@ from fedmq.privacy.aggregation import RoundSum
 from fedmq.runtime.signals import stop_event
 from fedmq.runtime.telemetry_db import TelemetryDB
 
-from aggregator.round_state import Rejected, RoundState
+from aggregator.round_state import Decision, Outcome, Rejected, RoundState
 from aggregator.folding import Folding, layout_from_json
 from aggregator.intake import Intake
 from aggregator.lifecycle import RoundLifecycle
 from aggregator.metrics import Metrics
 from aggregator.round_store import RoundStore, StoredParts
+from aggregator.unmasking import Unmasking
 
 log = logging.getLogger("fedmq.aggregator")
 MAX_CONTEXT_CHUNKS = 64  # of the key authority's chunk size: 16 MiB at 256 KiB
@@ -40,7 +41,7 @@ class StartError(RuntimeError):
     """A deployment the aggregator cannot run in; the text says what to change."""
 
 
-class Aggregator(Intake, Folding, RoundLifecycle):
+class Aggregator(Intake, Folding, Unmasking, RoundLifecycle):
     """The daemon: state, persistence, restore after a restart and the main loop;
     intake, folding and the round lifecycle live in their own modules."""
 
@@ -58,6 +59,9 @@ class Aggregator(Intake, Folding, RoundLifecycle):
                                    inbox_max_bytes=cfg.inbox_max_bytes, spool_dir=Path(cfg.state_dir) / "spool",
                                    signing_key=self.signing_key)
         self._context_chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes)
+        self._correction_chunks = Reassembler(max_stream_bytes=cfg.max_update_bytes)
+        self._correction = None  # the key authority's answer to the open round's mask request
+        self.dp_rounds = 0  # aggregated training rounds: what the DP accountant charges
         self.ctx = None
         self.bfv_ctx = None
         self.max_summands = 0  # the quantization plan's bound on agents per sum (0: none)
@@ -102,6 +106,7 @@ class Aggregator(Intake, Folding, RoundLifecycle):
             self.next_round, self.model_version = saved["next_round"], saved["model_version"]
             self.n_params = saved.get("n_params")
             self.rounds_done = saved.get("rounds_done", 0)
+            self.dp_rounds = saved.get("dp_rounds", 0)
             self.fingerprint = bytes.fromhex(saved["fingerprint"]) if saved.get("fingerprint") else None
             self._saved = saved
             self._restore_mask()
@@ -136,7 +141,7 @@ class Aggregator(Intake, Folding, RoundLifecycle):
     def _persist(self) -> None:
         write_private(self._state_file, json.dumps({
             "next_round": self.next_round, "model_version": self.model_version, "n_params": self.n_params,
-            "rounds_done": self.rounds_done,
+            "rounds_done": self.rounds_done, "dp_rounds": self.dp_rounds,
             "protection": _protection_key(self.protection), "mask_round": self.mask_round,
             "mask_digest": self.mask_digest.hex() if self.mask_digest else None,
             "fingerprint": self.fingerprint.hex() if self.fingerprint else None,
@@ -159,7 +164,8 @@ class Aggregator(Intake, Folding, RoundLifecycle):
                 "keyauthority")
         except ValueError as exc:
             raise StartError(str(exc)) from None
-        for filt in (topics.ALL_STATUS, topics.all_updates(self.task), topics.ALL_TELEMETRY):
+        for filt in (topics.ALL_STATUS, topics.all_updates(self.task), topics.ALL_TELEMETRY,
+                     topics.all_mask_corrections(self.task)):
             s.subscribe(filt)
         # The public context's chunks one exact topic each, not by wildcard: RabbitMQ's
         # MQTT plugin delivers retained messages to exact-topic subscriptions only.
@@ -173,11 +179,17 @@ class Aggregator(Intake, Folding, RoundLifecycle):
         while not stop.is_set() and (self.cfg.rounds == 0 or self.rounds_done < self.cfg.rounds):
             if resumed:
                 resumed = False
+                if self._recorded_survivors(self.state.round) is not None:  # died while unmasking: same set
+                    self._close_round(Decision(Outcome.AGGREGATE, "closed before a restart; unmasking resumed"),
+                                      stop)
+                    continue
                 self._pump(stop, until=self._closable)
                 if stop.is_set():
                     break
-                self._close_round(self.state.decide(time.time()))
+                self._close_round(self.state.decide(time.time()), stop)
                 continue
+            if not self._dp_budget_left():
+                break
             self._quorum_online_since = None
             if not self._pump(stop, until=self._enough_online, timeout=self.cfg.wait_for_agents_s):
                 log.warning("only %d agent(s) online, need %d; still waiting", len(self.online), self.cfg.min_agents)
@@ -188,7 +200,7 @@ class Aggregator(Intake, Folding, RoundLifecycle):
             self._pump(stop, until=self._closable)
             if stop.is_set():
                 break
-            self._close_round(self.state.decide(time.time()))
+            self._close_round(self.state.decide(time.time()), stop)
         if not stop.is_set() and self._last_participants:
             # The agents report a round's costs after decrypting its result: give the
             # last round's telemetry a moment to arrive before we go.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
-from fedmq.privacy import he
+from fedmq.privacy import he, secure_aggregation
 from fedmq.protocol import wire
 from fedmq.privacy.quantization import sum_dtype
 
@@ -22,6 +22,7 @@ class RoundSum:
         self.ckks, self.bfv = ckks, bfv
         self.acc: list | None = None
         self.plain: np.ndarray | None = None
+        self.ring: np.ndarray | None = None  # masked fixed-point plain parts, summed in int64 (ring32)
         self.codes: list[np.ndarray] | None = None
         self.code_widths: list[int] = []
         self.n_params: int | None = None
@@ -49,6 +50,10 @@ class RoundSum:
         self.n_ciphertexts = len(update.ciphertexts)
 
     def _fold_plain(self, update: wire.Update, plain: np.ndarray | None) -> None:
+        if update.plain_dtype == "ring32":  # masked: weighted by the agent, summed as integers
+            ring = np.frombuffer(update.plain, dtype="<u4").astype(np.int64)
+            self.ring = ring if self.ring is None else self.ring + ring
+            return
         if plain is None:
             plain = np.frombuffer(update.plain, dtype=np.dtype(update.plain_dtype).newbyteorder("<"))
         weighted = plain.astype(np.float64) * update.num_samples
@@ -96,7 +101,18 @@ class RoundSum:
             raise
         self.acc = acc
 
+    def unmask(self, lanes: list[secure_aggregation.Lane], correction: list[np.ndarray], frac_bits: int) -> None:
+        """Take the survivors' masks off the masked lanes (the ring32 plain part, or
+        the code segments): what remains is their plain sum."""
+        if self.ring is not None:
+            (ring,) = secure_aggregation.unmask([self.ring], lanes, correction)
+            self.plain, self.ring = secure_aggregation.decode_fixed(ring, frac_bits), None
+        else:
+            self.codes = [c.astype(np.int64) for c in secure_aggregation.unmask(self.codes or [], lanes, correction)]
+
     def result(self, participants: list[str], total_weight: int, **extra) -> wire.Result:
+        if self.ring is not None:
+            raise ValueError("the sum is still masked")
         sums, widths = [], []
         for acc, width in zip(self.codes or [], self.code_widths):
             dtype = sum_dtype(len(participants), 8 * width)
@@ -114,6 +130,7 @@ class RoundSum:
         return msgpack.packb({
             "quantized": self.quantized, "acc": None,
             "plain": None if self.plain is None else self.plain.astype("<f8").tobytes(),
+            "ring": None if self.ring is None else self.ring.astype("<i8").tobytes(),
             "codes": [c.astype("<i8").tobytes() for c in self.codes or []], "code_widths": self.code_widths,
             "n_params": self.n_params, "n_encrypted": self.n_encrypted, "n_ciphertexts": self.n_ciphertexts,
         }, use_bin_type=True)
@@ -132,6 +149,8 @@ class RoundSum:
             out.acc = he.bfv_load(bfv, blobs) if out.quantized else he.load_ciphertexts(ckks, blobs, out.n_encrypted)
         if raw["plain"] is not None:
             out.plain = np.frombuffer(raw["plain"], dtype="<f8").copy()
+        if raw.get("ring") is not None:
+            out.ring = np.frombuffer(raw["ring"], dtype="<i8").copy()
         if raw["codes"]:
             out.codes = [np.frombuffer(c, dtype="<i8").copy() for c in raw["codes"]]
         out.code_widths = list(raw["code_widths"])

@@ -10,11 +10,43 @@ same code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from fedmq.privacy import he, masking
+from fedmq.privacy import he, masking, secure_aggregation
 from fedmq.protocol import wire
-from fedmq.privacy.quantization import QuantPlan, dequantize_sum, quantize, segments
+from fedmq.privacy.quantization import QuantPlan, dequantize_sum, quantize, segments, sum_dtype
+
+
+@dataclass(frozen=True)
+class RoundMasking:
+    """What an agent needs to mask its readable lanes in one round."""
+
+    me: str
+    key: object  # X25519PrivateKey
+    roster: dict[str, bytes]
+    selected: list[str]
+    task: str
+    round: int
+    max_weight: int  # the largest sample weight an update may carry (1 under DP)
+
+    def apply(self, values: list[np.ndarray], lanes: list[secure_aggregation.Lane]) -> list[np.ndarray]:
+        masks = secure_aggregation.agent_mask(self.me, self.key, self.roster, self.selected, self.task,
+                                              self.round, lanes)
+        return secure_aggregation.mask(values, masks)
+
+
+def masked_code_width(plan: QuantPlan, code_width: int) -> int:
+    """Bytes per masked code: the ring their sum over the plan's ``max_agents`` fits."""
+    return sum_dtype(plan.max_agents, 8 * code_width).itemsize
+
+
+def masked_lanes(update: wire.Update) -> list[secure_aggregation.Lane]:
+    """The shapes of an update's masked lanes (the aggregator asks for their correction)."""
+    if update.plain_dtype == "ring32":
+        return [secure_aggregation.Lane((update.n_params - update.n_encrypted), secure_aggregation.PLAIN_WIDTH)]
+    return [secure_aggregation.Lane(len(seg) // w, w) for seg, w in zip(update.codes, update.code_widths)]
 
 
 def encrypt_weighted(ctx, values: np.ndarray, n: int, n_agents: int) -> list[bytes]:
@@ -30,11 +62,19 @@ def encrypt_weighted(ctx, values: np.ndarray, n: int, n_agents: int) -> list[byt
 
 
 def protect_ckks(ctx, weights: np.ndarray, n: int, mask: np.ndarray, plain_dtype: str, n_agents: int,
-                 digest: bytes | None) -> wire.Update:
+                 digest: bytes | None, secure: RoundMasking | None = None,
+                 rng: np.random.Generator | None = None) -> wire.Update:
+    """``secure``: the plain part goes as masked fixed-point ``n * w`` (ring32) instead of floats."""
     secret, plain = masking.split(weights, mask)
+    if secure is None or plain.size == 0:
+        plain_bytes = plain.astype(np.dtype(plain_dtype).newbyteorder("<")).tobytes()
+    else:
+        bits = secure_aggregation.frac_bits(len(secure.selected), secure.max_weight)
+        ring, _ = secure_aggregation.encode_fixed(plain, n, bits, rng or np.random.default_rng())
+        lane = secure_aggregation.Lane(ring.size, secure_aggregation.PLAIN_WIDTH)
+        plain_bytes, plain_dtype = secure.apply([ring], [lane])[0].astype("<u4").tobytes(), "ring32"
     return wire.Update(num_samples=n, n_params=weights.size, n_encrypted=int(mask.sum()),
-                       ciphertexts=encrypt_weighted(ctx, secret, n, n_agents),
-                       plain=plain.astype(np.dtype(plain_dtype).newbyteorder("<")).tobytes(),
+                       ciphertexts=encrypt_weighted(ctx, secret, n, n_agents), plain=plain_bytes,
                        plain_dtype=plain_dtype, mask_digest=digest)
 
 
@@ -43,16 +83,24 @@ def lanes_per_slot(bfv, plan: QuantPlan) -> int:
 
 
 def protect_quantized(bfv, plan: QuantPlan, delta: np.ndarray, n: int, mask: np.ndarray, sizes: list[int],
-                      rng: np.random.Generator, n_agents: int, digest: bytes | None) -> tuple[wire.Update, int]:
-    """Returns the update and how many values were clipped to the plan's ranges."""
+                      rng: np.random.Generator, n_agents: int, digest: bytes | None,
+                      secure: RoundMasking | None = None) -> tuple[wire.Update, int]:
+    """Returns the update and how many values were clipped to the plan's ranges.
+    ``secure``: the unencrypted codes go masked, in the ring of their sum."""
     plan.check_round(n_agents)
     q = quantize(delta * (n / plan.n_ref), plan, sizes, rng)
     selected = np.concatenate([c.astype(np.int64) for c in q.codes])[mask]
     ciphertexts = he.bfv_encrypt_codes(bfv, selected, plan.sum_bits, lanes_per_slot(bfv, plan)) \
         if selected.size else []
-    codes = [c[~mask[a:b]].tobytes() for (a, b), c in zip(segments(sizes), q.codes)]
+    codes = [c[~mask[a:b]] for (a, b), c in zip(segments(sizes), q.codes)]
+    widths = q.widths
+    if secure is not None:
+        widths = [masked_code_width(plan, w) for w in q.widths]
+        lanes = [secure_aggregation.Lane(c.size, w) for c, w in zip(codes, widths)]
+        codes = secure.apply(codes, lanes)
     update = wire.Update(num_samples=n, n_params=delta.size, n_encrypted=int(selected.size),
-                         ciphertexts=ciphertexts, codes=codes, code_widths=q.widths, mask_digest=digest)
+                         ciphertexts=ciphertexts, codes=[c.tobytes() for c in codes], code_widths=widths,
+                         mask_digest=digest)
     return update, q.clipped
 
 

@@ -16,7 +16,26 @@ from fedmq.protocol.fields import (MAX_CHUNKS, STRICT, Bytes, Digest, FiniteFloa
 
 
 PlainDtype = Literal["float32", "float16"]
+# On the wire, a masked float part is a 32-bit fixed-point ring ("ring32", secure_aggregation.py).
+UpdatePlainDtype = Literal["float32", "float16", "ring32"]
 Purpose = Literal["train", "sensitivity"]
+
+
+@message(config=STRICT)
+class DifferentialPrivacy:
+    """Client-level DP (DP-FedAvg with distributed noise): each agent clips the change
+    of its update to L2 norm ``clip`` and adds Gaussian noise of standard deviation
+    ``noise_multiplier * clip / sqrt(noise_agents)``, so a sum of at least
+    ``noise_agents`` updates carries ``noise_multiplier * clip``. Updates count with
+    weight 1. ``epsilon`` at ``delta`` is the task's budget: no round opens past it.
+    Only private together with secure masking or HE: one agent's share of the noise
+    alone is far too small to protect its update."""
+
+    clip: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
+    noise_multiplier: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
+    noise_agents: PosInt
+    epsilon: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
+    delta: Annotated[float, Strict(), Field(gt=0, lt=1)]
 
 
 @message(config=STRICT)
@@ -36,6 +55,10 @@ class Protection:
     include_first_last: Annotated[bool, Strict()] = False
     seed: Int = 0
     plain_dtype: PlainDtype = "float32"
+    # Pairwise masks on every part the aggregator can read (secure_aggregation.py):
+    # it learns only the sum of those parts over the round's survivors.
+    secure_masking: Annotated[bool, Strict()] = False
+    dp: DifferentialPrivacy | None = None
 
 
 @message(config=STRICT)
@@ -87,11 +110,12 @@ class Update:
     n_encrypted: NonNegInt
     ciphertexts: list_of(Bytes)
     plain: Bytes = b""
-    plain_dtype: PlainDtype = "float32"
+    plain_dtype: UpdatePlainDtype = "float32"
     mask_digest: Digest | None = None
-    # Quantized schemes: the unselected codes, one segment per layer, 1 or 2 bytes per code.
+    # Quantized schemes: the unselected codes, one segment per layer, 1 or 2 bytes per code
+    # (masked: the ring of their sum, up to 4 bytes).
     codes: list_of(Bytes, max_length=100_000) = dataclasses.field(default_factory=list)
-    code_widths: list_of(Annotated[int, Strict(), Field(ge=1, le=2)], max_length=100_000) = \
+    code_widths: list_of(Annotated[int, Strict(), Field(ge=1, le=4)], max_length=100_000) = \
         dataclasses.field(default_factory=list)
     fingerprint: Digest | None = None  # of the workload's model (RoundStart.fingerprint)
 
@@ -166,6 +190,36 @@ class EnrollRequest:
     ts: FiniteFloat
 
 
+MaskLane = Annotated[list[Annotated[int, Strict(), Field(ge=0, le=1 << 34)]], Strict(),
+                    Field(min_length=2, max_length=2)]
+
+
+@message(config=STRICT)
+class MaskRequest:
+    """The aggregator asks the key authority to unmask a closed round's sum: the
+    round's selected agents, those whose updates it summed, and the masked lanes'
+    shapes ``[length, width]`` (not secret)."""
+
+    selected: list_of(Id, min_length=1, max_length=100_000)
+    survivors: list_of(Id, min_length=1, max_length=100_000)
+    lanes: list_of(MaskLane, min_length=1, max_length=100_000)
+
+
+@message(config=STRICT)
+class MaskCorrection:
+    """The survivors' masks summed, one little-endian lane each: subtracted from the
+    masked sum it leaves the survivors' plain sum (secure_aggregation.py)."""
+
+    survivors: list_of(Id, min_length=1, max_length=100_000)
+    lanes: list_of(Bytes, max_length=100_000)
+
+
+@message(config=STRICT)
+class MaskRefused:
+    survivors: list_of(Id, max_length=100_000)
+    reason: Str
+
+
 @message(config=STRICT)
 class Policy:
     """The task's rules, set by the key authority and sealed with the keys: agents
@@ -187,6 +241,10 @@ class SealedKeys:
     bfv: Bytes = b""
     plan: dict | None = None
     policy: Policy | None = None
+    # Secure masking: this agent's X25519 mask key, and every agent's public one.
+    mask_key: fixed_bytes(32) | None = None
+    mask_roster: Annotated[dict[Id, fixed_bytes(32)], Strict(), Field(max_length=100_000)] = \
+        dataclasses.field(default_factory=dict)
 
 
 @message(config=STRICT)
@@ -269,6 +327,9 @@ BODY_TYPES: dict[str, type] = {
     "roll_call": RollCall,
     "telemetry": Telemetry,
     "resend": ResendRequest,
+    "mask_request": MaskRequest,
+    "mask_correction": MaskCorrection,
+    "mask_refused": MaskRefused,
     "sealed_keys": SealedKeys,  # only ever inside a sealed box, never an envelope kind on the wire
 }
 KIND_OF = {cls: kind for kind, cls in BODY_TYPES.items()}
@@ -284,4 +345,6 @@ FAMILY_KINDS: dict[str, set[str]] = {
     "telemetry": {"telemetry"},
     "resend": {"resend"},
     "roll_call": {"roll_call"},
+    "mask_request": {"mask_request"},
+    "mask_correction": {"mask_correction", "mask_refused"},
 }

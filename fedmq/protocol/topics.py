@@ -64,6 +64,14 @@ def telemetry(agent: str) -> str:
     return f"telemetry/{agent}"
 
 
+def mask_request(task: str, rnd: int) -> str:
+    return f"masks/{task}/{rnd}/request"
+
+
+def mask_correction(task: str, rnd: int, seq: int) -> str:
+    return f"masks/{task}/{rnd}/correction/{seq}"
+
+
 # Subscription filters.
 def roll_call(task: str) -> str:
     return f"rounds/{task}/rollcall"
@@ -95,6 +103,14 @@ def own_keys(task: str, agent: str) -> str:
 
 def all_public_context(task: str) -> str:
     return f"keys/{task}/public/+"
+
+
+def all_mask_requests(task: str) -> str:
+    return f"masks/{task}/+/request"
+
+
+def all_mask_corrections(task: str) -> str:
+    return f"masks/{task}/+/correction/+"
 
 
 ALL_STATUS = "agents/+/status"
@@ -135,6 +151,10 @@ def parse(topic: str) -> TopicInfo:
                 return TopicInfo("key", task, agent=agent, seq=int(seq))
             case ["keys", task, "public", seq]:
                 return TopicInfo("public_context", task, seq=int(seq))
+            case ["masks", task, rnd, "request"]:
+                return TopicInfo("mask_request", task, int(rnd))
+            case ["masks", task, rnd, "correction", seq]:
+                return TopicInfo("mask_correction", task, int(rnd), seq=int(seq))
             case ["agents", agent, "status"]:
                 return TopicInfo("status", agent=agent)
             case ["telemetry", agent]:

@@ -27,8 +27,9 @@ from fedmq import PROTOCOL_VERSION
 from fedmq.privacy import signing
 from fedmq.protocol.fields import (MAX_CHUNKS, STRICT, Bytes, Digest, FiniteFloat, Id, Int, NonNegInt, Str,
                                    message)
-from fedmq.protocol.messages import (BODY_TYPES, FAMILY_KINDS, KIND_OF, AgentStatus, EnrollRequest,  # noqa: F401
-                                     KeyGrant, KeyRefused, PhaseCost, Policy, Protection, PublicContext,
+from fedmq.protocol.messages import (BODY_TYPES, FAMILY_KINDS, KIND_OF, AgentStatus,  # noqa: F401
+                                     DifferentialPrivacy, EnrollRequest, KeyGrant, KeyRefused, MaskCorrection,
+                                     MaskRefused, MaskRequest, PhaseCost, Policy, Protection, PublicContext,
                                      ResendRequest, Result, RollCall, RoundClosed, RoundStart, SealedKeys, Telemetry,
                                      Update)
 from fedmq.protocol.topics import TopicInfo

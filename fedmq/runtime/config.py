@@ -124,14 +124,33 @@ class FaultSettings(_Section):
 PublicKeyRef = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 
 
+class DpSettings(_Section):
+    """Client-level differential privacy: the key authority calibrates the noise
+    multiplier so that ``rounds`` rounds spend at most ``epsilon`` at ``delta``."""
+
+    epsilon: Annotated[float, Field(gt=0)]
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    clip: Annotated[float, Field(gt=0)] = 1.0  # L2 norm bound of one update's change
+    rounds: Annotated[int, Field(ge=1)] = 10  # rounds the budget must last
+
+
 class PolicySettings(_Section):
     """The task's rules, sealed with the keys (agents enforce them on every round)."""
 
     # Selective Parameter Encryption: scheme, p (0 plaintext .. 1 full), mode
-    # sensitivity|random, include_first_last, seed (random mode), plain_dtype.
+    # sensitivity|random, include_first_last, seed (random mode), plain_dtype,
+    # secure_masking (pairwise masks on every part the aggregator can read).
     protection: Protection = Protection()
     min_agents: Annotated[int, Field(ge=1)] = 2  # no round with a smaller quorum or selection
     max_samples: Annotated[int, Field(ge=1, le=1 << 40)] = 1_000_000  # per update, enforced by the aggregator
+    dp: DpSettings | None = None
+
+    @model_validator(mode="after")
+    def _dp_is_calibrated_here(self) -> "PolicySettings":
+        if self.protection.dp is not None:
+            raise ValueError("set policy.dp (epsilon, delta, clip, rounds), not protection.dp: the key authority "
+                             "calibrates the noise")
+        return self
 
 
 class WorkloadSettings(_Section):
@@ -215,6 +234,7 @@ class AggregatorConfig(_Section):
     metrics_port: Port | None = None  # Prometheus /metrics on metrics_host (off by default)
     metrics_host: str = "127.0.0.1"
     telemetry_linger_s: Annotated[float, Field(ge=0)] = 10.0  # after the last round, wait for its telemetry
+    unmask_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # secure masking: wait this long for the correction
     inbox_max_bytes: Annotated[int, Field(ge=1 * KiB)] = 16 * 1024 * KiB  # inbound backlog in memory; the rest spools
     wait_for_agents_s: Annotated[float, Field(gt=0)] = 120.0
     chunk_size: Annotated[int, Field(ge=1 * KiB, le=64 * 1024 * KiB)] = 256 * KiB

@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS uploads (round INTEGER, agent TEXT, bytes INTEGER, ch
 """
 
 
+ROUND_AGENT = "*"  # the metrics row of a round-wide figure
+
+
 class TelemetryDB:
     def __init__(self, path: Path) -> None:
         ensure_private_dir(path.parent)
@@ -57,6 +60,10 @@ class TelemetryDB:
                                 (rnd, agent, name, c.wall_s, c.cpu_s, c.cpu_pct, c.peak_rss, c.bytes_sent,
                                  c.bytes_received))
             self.db.execute("COMMIT")
+
+    def record_round_metric(self, rnd: int, name: str, value: float) -> None:
+        """A figure of the whole round (the privacy spent so far), kept under agent ``*``."""
+        self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", (rnd, ROUND_AGENT, name, value))
 
     def add_upload(self, rnd: int, agent: str, nbytes: int) -> None:
         """Bytes of an accepted update chunk (the whole MQTT payload), as the aggregator saw it."""

@@ -70,6 +70,7 @@ class Cluster:
     target_agents: int | None = None  # default: every agent
     protection: wire.Protection = field(default_factory=wire.Protection)
     quantization: cfgmod.QuantizationSettings | None = None  # the key authority's secret plan
+    dp: cfgmod.DpSettings | None = None  # client-level differential privacy
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     agent_overrides: dict[str, dict] = field(default_factory=dict)
     aggregator_overrides: dict = field(default_factory=dict)
@@ -93,7 +94,7 @@ class Cluster:
         self._write("keyauthority", cfgmod.KeyAuthorityConfig(
             task=TASK, broker=endpoint, state_dir=self.workdir / "state/keyauthority", credentials=creds,
             quantization=self.quantization, aggregator_key=aggregator_key,
-            policy=cfgmod.PolicySettings(protection=self.protection, min_agents=min_agents)))
+            policy=cfgmod.PolicySettings(protection=self.protection, min_agents=min_agents, dp=self.dp)))
         self._write("aggregator", cfgmod.AggregatorConfig(
             task=TASK, broker=endpoint, state_dir=self.workdir / "state/aggregator", rounds=self.rounds,
             min_agents=min_agents, target_agents=self.target_agents or self.n_agents, selection_grace_s=self.selection_grace_s,
