@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 
-from fedmq.privacy import signing, he
+from fedmq.privacy import exposure, signing, he
 from fedmq.protocol import topics, wire
 from fedmq.protocol.chunking import Completed, Reassembler
 from fedmq.runtime.config import AggregatorConfig
@@ -136,6 +136,9 @@ class Aggregator(Intake, Folding, Unmasking, RoundLifecycle):
             raise StartError(f"min_agents{where} is {self.cfg.min_agents}, below the policy's {policy.min_agents}: "
                              "agents would refuse every round")
         self.policy, self.protection, self.max_samples = policy, policy.protection, policy.max_samples
+        warning = exposure.start_warning(policy.protection)
+        if warning:
+            log.warning("%s", warning)
         self._restore_mask()
 
     def _persist(self) -> None:

@@ -71,11 +71,15 @@ def acl_text(task: str, aggregator: str = "aggregator", authority: str = "keyaut
         "topic read telemetry/+",
         f"topic readwrite rounds/{task}/#",
         f"topic read keys/{task}/public/+",
+        f"topic write masks/{task}/+/request",
+        f"topic read masks/{task}/+/correction/+",
         "",
-        "# The key authority: enrollments in, keys out.",
+        "# The key authority: enrollments in, keys out; mask recovery requests in, corrections out.",
         f"user {authority}",
         f"topic read enroll/{task}/+",
         f"topic write keys/{task}/#",
+        f"topic read masks/{task}/+/request",
+        f"topic write masks/{task}/+/correction/+",
         "",
     ])
 

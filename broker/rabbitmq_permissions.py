@@ -38,10 +38,12 @@ def topic_rules(task: str, user: str, *, aggregator: str, authority: str) -> tup
     mosquitto's ACL: agents their own topics, the aggregator never a key topic."""
     t, u, seg = _q(task), _q(user), r"[^.]+"
     if user == aggregator:
-        return (rf"^rounds\.{t}\..+$",
-                rf"^(updates\.{t}\.{seg}\.{seg}\.{seg}|agents\.{seg}\.status|telemetry\.{seg}|keys\.{t}\.public\.{seg})$")
+        return (rf"^(rounds\.{t}\..+|masks\.{t}\.{seg}\.request)$",
+                rf"^(updates\.{t}\.{seg}\.{seg}\.{seg}|agents\.{seg}\.status|telemetry\.{seg}|keys\.{t}\.public\.{seg}"
+                rf"|masks\.{t}\.{seg}\.correction\.{seg})$")
     if user == authority:
-        return rf"^keys\.{t}\..+$", rf"^enroll\.{t}\.{seg}$"
+        return (rf"^(keys\.{t}\..+|masks\.{t}\.{seg}\.correction\.{seg})$",
+                rf"^(enroll\.{t}\.{seg}|masks\.{t}\.{seg}\.request)$")
     return (rf"^(updates\.{t}\.{seg}\.{u}\.{seg}|agents\.{u}\.status|telemetry\.{u}|enroll\.{t}\.{u})$",
             rf"^(keys\.{t}\.agents\.{u}\.{seg}|rounds\.{t}\.{seg}\.(start|closed|result\.{seg}|resend\.{u})"
             rf"|rounds\.{t}\.rollcall)$")

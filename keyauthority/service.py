@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmq.privacy import client_dp, he, secure_aggregation
+from fedmq.privacy import client_dp, exposure, he, secure_aggregation
 from fedmq.protocol import topics, wire
 from fedmq.runtime.config import KeyAuthorityConfig
 from fedmq.runtime.mqtt_session import MqttSession
@@ -144,6 +144,9 @@ class KeyAuthority:
                                                     policy=self.policy),
                                  task=task, rnd=0,
                                  chunk_size=self.cfg.chunk_size, retain=True)
+        warning = exposure.start_warning(self.policy.protection)
+        if warning:
+            log.warning("%s", warning)
         log.info("published the public contexts (CKKS %d, BFV %d bytes; no keys, no plan) and the signed policy "
                  "(%s, p=%s, min %d agents) for task %s", len(self.public_blob), len(self.bfv_public_blob),
                  self.policy.protection.scheme, self.policy.protection.p, self.policy.min_agents, task)

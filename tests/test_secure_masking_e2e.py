@@ -3,12 +3,17 @@ key authority unmasks the survivors' sum, and the model every agent rebuilds is
 the FedAvg of the survivors — with an agent killed before its upload and another
 killed after it."""
 
+import queue
+import time
+
 import numpy as np
 import pytest
 
-from fedmq.privacy import secure_aggregation
-from fedmq.protocol import wire
+from fedmq.privacy import secure_aggregation, signing
+from fedmq.protocol import topics, wire
 from fedmq.runtime import config as cfgmod
+from fedmq.runtime.mqtt_session import MqttSession
+from fedmq.tools.local_cluster import TASK
 from tests.conftest import oracle
 
 pytestmark = pytest.mark.slow
@@ -56,6 +61,7 @@ def test_masked_quantize_exact_over_survivors_with_dropouts(cluster_factory):
         assert closed.status == "aggregated", closed.reason
         assert closed.participants == ["agent-1", "agent-2", "agent-3"]
         obs.wait_for("closed", 4, timeout=120)
+        _lying_aggregator_is_refused(cluster)
     for rnd, survivors, readers in ((1, ["agent-1", "agent-2", "agent-3", "agent-4"], ["agent-1", "agent-2"]),
                                     (2, ["agent-1", "agent-2", "agent-3"], ["agent-1", "agent-3"]),
                                     (3, ["agent-1", "agent-2", "agent-3"], ["agent-1", "agent-2"])):
@@ -68,6 +74,35 @@ def test_masked_quantize_exact_over_survivors_with_dropouts(cluster_factory):
     assert "unmasked round 3 for 3 survivor(s) of 3 selected" in ka
     # masked codes travel in the ring of their sum: 2 bytes per parameter
     assert obs.rounds[1].closed.bytes_received / 4 / truth.size < 2.2
+
+
+def _lying_aggregator_is_refused(cluster) -> None:
+    """With the aggregator's own signing key, claim that agent-3 — whose round-3 update
+    was summed — dropped: the correction would reveal its pairwise masks, and with
+    the first answer its self mask. The key authority refuses the second claim."""
+    key = signing.load_or_create(cluster.workdir / "state/aggregator/signing.key")
+    liar = MqttSession(cfgmod.BrokerEndpoint(port=cluster.port, persistent_session=False), "aggregator-liar",
+                       signing_key=key)
+    liar.subscribe(topics.mask_correction(TASK, 3, 0))
+    liar.connect()
+    try:
+        lanes = [[1, 2]]  # the shapes do not matter: the claim is refused before any mask is computed
+        liar.send(topics.mask_request(TASK, 3),
+                  wire.MaskRequest(selected=["agent-1", "agent-2", "agent-3"], survivors=["agent-1", "agent-2"],
+                                   lanes=lanes), task=TASK, rnd=3)
+        end = time.monotonic() + 20
+        while True:
+            msg = liar.inbox.get(timeout=max(0.1, end - time.monotonic()))
+            env = wire.decode_envelope(msg.payload, max_bytes=1 << 20)
+            if env.sender == "keyauthority":
+                break
+        assert env.kind == "mask_refused"
+        assert "already unmasked" in wire.decode_body(env.kind, env.body).reason
+    except queue.Empty:
+        pytest.fail("the key authority did not answer the second claim")
+    finally:
+        liar.close()
+    assert "refused to unmask round 3" in cluster.log_text("keyauthority")
 
 
 def test_masked_float_part_of_selective_ckks(cluster_factory):
