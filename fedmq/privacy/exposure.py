@@ -37,7 +37,8 @@ def start_warning(prot: Protection) -> str | None:
     exposed = exposed_part(prot)
     notes = []
     if exposed is not None:
-        notes.append(f"protection {prot.scheme} p={prot.p:g} without secure_masking lets the aggregator read "
+        mode = prot.scheme if prot.scheme == "quantize" else f"{prot.scheme} p={prot.p:g}"
+        notes.append(f"protection {mode} without secure_masking lets the aggregator read "
                      f"{exposed}: it fails the drop-aware audit (fedmq audit); set secure_masking: true")
     if prot.dp is not None and exposed is not None:
         notes.append("differential privacy noise is shared among the agents: one update's share alone protects "

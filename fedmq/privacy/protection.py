@@ -32,9 +32,9 @@ class RoundMasking:
     max_weight: int  # the largest sample weight an update may carry (1 under DP)
 
     def apply(self, values: list[np.ndarray], lanes: list[secure_aggregation.Lane]) -> list[np.ndarray]:
-        masks = secure_aggregation.agent_mask(self.me, self.key, self.roster, self.selected, self.task,
-                                              self.round, lanes)
-        return secure_aggregation.mask(values, masks)
+        out = [v.astype(lane.dtype, copy=True) for v, lane in zip(values, lanes)]
+        return secure_aggregation.agent_mask(self.me, self.key, self.roster, self.selected, self.task, self.round,
+                                             lanes, onto=out)
 
 
 def masked_code_width(plan: QuantPlan, code_width: int) -> int:
@@ -89,7 +89,8 @@ def protect_quantized(bfv, plan: QuantPlan, delta: np.ndarray, n: int, mask: np.
     ``secure``: the unencrypted codes go masked, in the ring of their sum."""
     plan.check_round(n_agents)
     q = quantize(delta * (n / plan.n_ref), plan, sizes, rng)
-    selected = np.concatenate([c.astype(np.int64) for c in q.codes])[mask]
+    selected = np.concatenate([c.astype(np.int64) for c in q.codes])[mask] if mask.any() \
+        else np.zeros(0, dtype=np.int64)
     ciphertexts = he.bfv_encrypt_codes(bfv, selected, plan.sum_bits, lanes_per_slot(bfv, plan)) \
         if selected.size else []
     codes = [c[~mask[a:b]] for (a, b), c in zip(segments(sizes), q.codes)]

@@ -99,13 +99,18 @@ def self_seed(own: X25519PrivateKey, task: str, rnd: int) -> bytes:
 
 
 # --------------------------------------------------------------------------- expansion
-def expand(seed: bytes, lanes: list[Lane]) -> list[np.ndarray]:
-    """ChaCha20 keystream of ``seed``, one independent stream per lane (nonce = lane index)."""
+def expand(seed: bytes, lanes: list[Lane], into: list[bytearray] | None = None) -> list[np.ndarray]:
+    """ChaCha20 keystream of ``seed``, one independent stream per lane (nonce = lane index).
+    ``into``: buffers from an earlier call to write over (a mask sums many streams; fresh
+    pages for each would cost more than the cipher)."""
     out = []
     for index, lane in enumerate(lanes):
         nonce = bytes(8) + index.to_bytes(8, "little")  # 64-bit block counter from 0, then the lane
         stream = Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor()
-        out.append(np.frombuffer(stream.update(bytes(lane.length * lane.width)), dtype=lane.dtype).copy())
+        size = lane.length * lane.width
+        buf = into[index] if into is not None else bytearray(size + 15)  # update_into wants block slack
+        stream.update_into(bytes(size), buf)  # calloc'd: zero pages, no copy
+        out.append(np.frombuffer(buf, dtype=lane.dtype, count=lane.length))
     return out
 
 
@@ -124,18 +129,25 @@ def _zeros(lanes: list[Lane]) -> list[np.ndarray]:
 
 
 def agent_mask(me: str, own: X25519PrivateKey, roster: dict[str, bytes], selected: list[str], task: str,
-               rnd: int, lanes: list[Lane]) -> list[np.ndarray]:
-    """What agent ``me`` adds to its lanes in round ``rnd``."""
+               rnd: int, lanes: list[Lane], onto: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """What agent ``me`` adds to its lanes in round ``rnd``. ``onto``: lanes to add it
+    to in place (the values themselves: one buffer less the size of the update)."""
     missing = [a for a in selected if a not in roster]
     if missing:
         raise MaskingError(f"no mask key for selected agent(s) {missing[:5]}: not in the key authority's roster")
     if me not in selected:
         raise MaskingError(f"{me!r} is not selected for round {rnd}")
-    acc = expand(self_seed(own, task, rnd), lanes)
+    scratch = [bytearray(lane.length * lane.width + 15) for lane in lanes]
+    if onto is None:
+        acc = expand(self_seed(own, task, rnd), lanes)
+    else:
+        acc = onto
+        _add_into(acc, expand(self_seed(own, task, rnd), lanes, scratch), 1)
     for peer in selected:
         if peer == me:
             continue
-        _add_into(acc, expand(pair_seed(own, roster[peer], task, rnd, me, peer), lanes), 1 if me < peer else -1)
+        _add_into(acc, expand(pair_seed(own, roster[peer], task, rnd, me, peer), lanes, scratch),
+                  1 if me < peer else -1)
     return acc
 
 
@@ -148,10 +160,11 @@ def correction(keys: dict[str, X25519PrivateKey], selected: list[str], survivors
         raise MaskingError("survivors must be selected agents")
     dropped = [a for a in selected if a not in survivors_set]
     acc = _zeros(lanes)
+    scratch = [bytearray(lane.length * lane.width + 15) for lane in lanes]
     for i in sorted(survivors_set):
-        _add_into(acc, expand(self_seed(keys[i], task, rnd), lanes), 1)
+        _add_into(acc, expand(self_seed(keys[i], task, rnd), lanes, scratch), 1)
         for d in dropped:
-            term = expand(pair_seed(keys[i], public_bytes(keys[d]), task, rnd, i, d), lanes)
+            term = expand(pair_seed(keys[i], public_bytes(keys[d]), task, rnd, i, d), lanes, scratch)
             _add_into(acc, term, 1 if i < d else -1)
     return acc
 

@@ -248,9 +248,13 @@ def demo(agents: int = typer.Option(4, min=2, help="Number of agents."),
          kill_round: int = typer.Option(3, help="Round in which one agent is killed (0: none)."),
          workdir: Optional[Path] = typer.Option(None, help="Where configs, keys and logs go (default: a temp dir)."),
          chunk_kib: int = typer.Option(64, help="Upload chunk size in KiB."),
-         scheme: str = typer.Option("ckks", help="ckks | quantize | quantize+he"),
+         scheme: str = typer.Option("quantize", help="quantize | ckks | quantize+he (default: the cheapest mode "
+                                                     "that hides every single update from the aggregator: "
+                                                     "masked quantize)"),
          p: float = typer.Option(1.0, min=0.0, max=1.0, help="Encrypted fraction (ckks, quantize+he)."),
          selection: str = typer.Option("sensitivity", help="sensitivity | random (when 0 < p < 1)."),
+         masking: bool = typer.Option(True, help="Secure masking of every part the aggregator can read; without "
+                                                 "it, quantize and p < 1 expose single updates."),
          workload: Optional[str] = typer.Option(None, help="Any workload: built-in name, module:attribute or an "
                                                            "installed entry point (default: digits-mlp)."),
          workload_options: Optional[str] = typer.Option(None, help="The workload's options, as JSON."),
@@ -260,6 +264,7 @@ def demo(agents: int = typer.Option(4, min=2, help="Number of agents."),
     configure("demo", "WARNING")
     from pydantic import ValidationError
 
+    from fedmq.privacy import exposure
     from fedmq.protocol import wire
     from fedmq.tools.demo import run_demo
 
@@ -269,6 +274,8 @@ def demo(agents: int = typer.Option(4, min=2, help="Number of agents."),
         raise typer.Exit(2)
     try:
         protection = wire.Protection(scheme=scheme, p=p, mode=selection)
+        if masking and exposure.exposed_part(protection) is not None:
+            protection = wire.Protection(scheme=scheme, p=p, mode=selection, secure_masking=True)
     except ValidationError as exc:
         typer.echo(f"invalid protection: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", err=True)
         raise typer.Exit(2) from None

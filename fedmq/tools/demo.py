@@ -127,8 +127,9 @@ def run_demo(*, agents: int, rounds: int, kill_round: int, workdir: Path | None,
         if observer:
             observer.close()
         cluster.stop_all()
-    what = f"{protection.scheme}, p={protection.p:g}" + (f", {protection.mode} selection" if 0 < protection.p < 1
-                                                           and protection.scheme != "quantize" else "")
+    what = protection.scheme if protection.scheme == "quantize" else f"{protection.scheme}, p={protection.p:g}"
+    what += (f", {protection.mode} selection" if 0 < protection.p < 1 and protection.scheme != "quantize" else "")
+    what += ", secure masking" if protection.secure_masking else ""
     final = render(observer.rounds if observer else {}, console, f"fedmq demo: FedAvg on {workload or 'digits'} ({what})")
     closed = sum(1 for r, v in (observer.rounds.items() if observer else []) if v.closed and
                  v.closed.status == "aggregated" and r > 0 and v.purpose == "train")
