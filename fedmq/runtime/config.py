@@ -261,6 +261,14 @@ class KeyAuthorityConfig(_Section):
     max_clock_skew_s: Annotated[float, Field(gt=0)] = 300.0
     credentials: dict[Id, SecretStr] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _quantized_tasks_have_a_plan(self) -> "KeyAuthorityConfig":
+        """A quantize task without a ``quantization:`` section gets the default plan
+        (int8, [-1, 1], 16 agents) rather than agents that skip every round."""
+        if self.policy.protection.scheme != "ckks" and self.quantization is None:
+            object.__setattr__(self, "quantization", QuantizationSettings())  # frozen after validation
+        return self
+
 
 class BrokerServerConfig(_Section):
     """The embedded broker (``fedmq broker``)."""

@@ -95,11 +95,12 @@ class Cluster:
             task=TASK, broker=endpoint, state_dir=self.workdir / "state/keyauthority", credentials=creds,
             quantization=self.quantization, aggregator_key=aggregator_key,
             policy=cfgmod.PolicySettings(protection=self.protection, min_agents=min_agents, dp=self.dp)))
-        self._write("aggregator", cfgmod.AggregatorConfig(
-            task=TASK, broker=endpoint, state_dir=self.workdir / "state/aggregator", rounds=self.rounds,
-            min_agents=min_agents, target_agents=self.target_agents or self.n_agents, selection_grace_s=self.selection_grace_s,
-            round_timeout_s=self.round_timeout_s, offline_grace_s=self.offline_grace_s, chunk_size=self.chunk_size,
-            authority_key=authority_key, **self.aggregator_overrides))
+        self._write("aggregator", cfgmod.AggregatorConfig(**{
+            **dict(task=TASK, broker=endpoint, state_dir=self.workdir / "state/aggregator", rounds=self.rounds,
+                   min_agents=min_agents, target_agents=self.target_agents or self.n_agents,
+                   selection_grace_s=self.selection_grace_s, round_timeout_s=self.round_timeout_s,
+                   offline_grace_s=self.offline_grace_s, chunk_size=self.chunk_size, authority_key=authority_key),
+            **self.aggregator_overrides}))  # an override wins over the cluster's default
         for i, a in enumerate(self.agent_ids):
             raw = dict(agent_id=a, credential=creds[a], task=TASK, broker=endpoint, authority_key=authority_key,
                        state_dir=self.workdir / f"state/{a}", chunk_size=self.chunk_size,

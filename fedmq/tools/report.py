@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmq.runtime.telemetry import PHASES
-from fedmq.runtime.telemetry_db import PhaseRow, read_metrics, read_phases, read_rounds
+from fedmq.runtime.telemetry_db import ROUND_AGENT, PhaseRow, read_metrics, read_phases, read_rounds
 
 MB = 1e6
 
@@ -44,7 +44,24 @@ def render_table(db: Path, console: Console) -> int:
                       f"{row['bytes_received'] / MB:.3f}",
                       "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}")
     console.print(table)
+    render_privacy(db, console)
     return len(rounds)
+
+
+def render_privacy(db: Path, console: Console) -> None:
+    """The differential-privacy budget spent after each aggregated round (the
+    aggregator's accountant), when the task has one."""
+    spent = sorted((rnd, value) for rnd, agent, name, value in read_metrics(db)
+                   if agent == ROUND_AGENT and name == "dp_epsilon")
+    if not spent:
+        return
+    console.print("Differential privacy spent (epsilon at the task's delta, after each aggregated round):")
+    table = Table()
+    table.add_column("round", justify="right")
+    table.add_column("epsilon", justify="right")
+    for rnd, eps in spent:
+        table.add_row(str(rnd), f"{eps:.3f}")
+    console.print(table)
 
 
 def write_pngs(db: Path, out: Path) -> list[Path]:
@@ -117,8 +134,9 @@ def write_pngs(db: Path, out: Path) -> list[Path]:
 
     # What the workloads reported (evaluate's and train's metrics), mean over devices.
     per: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for rnd, _, name, value in read_metrics(db):
-        per[name][rnd].append(value)
+    for rnd, agent, name, value in read_metrics(db):
+        if agent != ROUND_AGENT:  # round-wide figures (epsilon spent) are not a device's
+            per[name][rnd].append(value)
     if per:
         names = sorted(per)
         fig, axes = plt.subplots(len(names), 1, figsize=(6, 2.2 * len(names)), squeeze=False, sharex=True)
