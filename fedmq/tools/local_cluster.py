@@ -71,6 +71,7 @@ class Cluster:
     protection: wire.Protection = field(default_factory=wire.Protection)
     quantization: cfgmod.QuantizationSettings | None = None  # the key authority's secret plan
     dp: cfgmod.DpSettings | None = None  # client-level differential privacy
+    max_samples: int = 1_000_000  # the policy's bound on an update's weight (masked floats: their resolution)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     agent_overrides: dict[str, dict] = field(default_factory=dict)
     aggregator_overrides: dict = field(default_factory=dict)
@@ -94,7 +95,8 @@ class Cluster:
         self._write("keyauthority", cfgmod.KeyAuthorityConfig(
             task=TASK, broker=endpoint, state_dir=self.workdir / "state/keyauthority", credentials=creds,
             quantization=self.quantization, aggregator_key=aggregator_key,
-            policy=cfgmod.PolicySettings(protection=self.protection, min_agents=min_agents, dp=self.dp)))
+            policy=cfgmod.PolicySettings(protection=self.protection, min_agents=min_agents, dp=self.dp,
+                                         max_samples=self.max_samples)))
         self._write("aggregator", cfgmod.AggregatorConfig(**{
             **dict(task=TASK, broker=endpoint, state_dir=self.workdir / "state/aggregator", rounds=self.rounds,
                    min_agents=min_agents, target_agents=self.target_agents or self.n_agents,
@@ -181,10 +183,12 @@ class Observer:
             filters.append(f"updates/{TASK}/+/{watch_uploads_of}/+")
         if collect_results:
             filters.append(topics.all_results(TASK))
+            filters.append(topics.all_mask_requests(TASK))
         for filt in filters:
             self.session.subscribe(filt)
         self.rounds: dict[int, RoundView] = {}
         self.results: dict[int, wire.Result] = {}
+        self.mask_requests: dict[int, int] = {}  # round -> unmask requests seen (secure masking)
         self.uploads: dict[int, list[bytes]] = {}  # raw chunks of the watched agent, per round
         self._keep_uploads = watch_uploads_of not in (None, "+")
         # (round, agent) -> [chunks seen, chunks in the stream], for every watched agent
@@ -234,6 +238,9 @@ class Observer:
             return "closed", env.round
         if info.family == "telemetry":
             view.telemetry[env.sender] = body
+        if info.family == "mask_request":
+            self.mask_requests[env.round] = self.mask_requests.get(env.round, 0) + 1
+            return "mask_request", env.round
         return None
 
     def wait_for(self, event: str, rnd: int, timeout: float, on_event=None) -> None:

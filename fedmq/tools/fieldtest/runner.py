@@ -85,7 +85,8 @@ class FieldTest:
                                rounds=scenario.rounds, chunk_size=scenario.chunk_size,
                                round_timeout_s=scenario.round_timeout_s,
                                selection_grace_s=scenario.selection_grace_s,
-                               offline_grace_s=scenario.offline_grace_s, protection=scenario.protection)
+                               offline_grace_s=scenario.offline_grace_s, protection=scenario.protection,
+                               max_samples=scenario.max_samples)
         self.mosquitto = MosquittoProcess(workdir / "mosquitto", self.cluster.port) \
             if self.broker_kind == "mosquitto" else None
         self.proxies = {a: TcpProxy(self.cluster.port, name=f"net-{a}") for a in scenario.agent_ids}
@@ -190,6 +191,10 @@ class FieldTest:
             self.arms.append((mid_round, lambda: self._kill_aggregator(r, f, "mid-round: one upload done, "
                                                                               "another in flight"),
                               r, "kill -9 aggregator mid-round"))
+        elif f.kind == "aggregator-kill" and f.phase == "unmask":
+            self.arms.append((lambda: obs.mask_requests.get(r, 0) >= 1,
+                              lambda: self._kill_aggregator(r, f, "mid-unmasking: correction asked for"),
+                              r, "kill -9 aggregator mid-unmasking"))
         else:
             self._later(f.after_s, lambda: self._kill_aggregator(r, f, "as the round starts"))
 

@@ -25,8 +25,9 @@ class Fault(cfgmod._Section):
     kind: FaultKind
     agent: str | None = None  # kill, stop, network
     # kill / aggregator-kill: 'training' = as the round starts, before any chunk of the
-    # agent (of any agent, for the aggregator) is seen; 'upload' = at its first chunk.
-    phase: Literal["training", "upload"] = "training"
+    # agent (of any agent, for the aggregator) is seen; 'upload' = at its first chunk;
+    # 'unmask' (aggregator, secure masking) = once it has asked for the round's correction.
+    phase: Literal["training", "upload", "unmask"] = "training"
     mode: Literal["drop", "blackhole", "delay"] = "drop"  # network
     after_s: Annotated[float, Field(ge=0)] = 0.0  # wait this long after the round starts (training phase)
     duration_s: Annotated[float, Field(gt=0)] = 3.0  # network outage / broker down time
@@ -37,6 +38,8 @@ class Fault(cfgmod._Section):
     def _agent_given(self) -> Fault:
         if self.kind in ("kill", "stop", "network") and not self.agent:
             raise ValueError(f"a {self.kind} fault needs 'agent'")
+        if self.phase == "unmask" and self.kind != "aggregator-kill":
+            raise ValueError("phase 'unmask' is the aggregator's (kind: aggregator-kill)")
         return self
 
 
@@ -47,6 +50,7 @@ class RandomFaults(cfgmod._Section):
     kinds: list[Literal["kill-training", "kill-upload", "stop", "drop", "blackhole", "delay"]] = [
         "kill-training", "kill-upload", "stop", "drop", "blackhole", "delay"]
     aggregator_kill_rounds: list[int] = []
+    aggregator_unmask_kill_rounds: list[int] = []  # secure masking: killed between asking and unmasking
     broker_restart_rounds: list[int] = []
 
 
@@ -63,6 +67,9 @@ class Scenario(cfgmod._Section):
     chunk_delay_s: Annotated[float, Field(ge=0)] = 0.02  # paces uploads so 'mid-upload' is a real moment
     keepalive_s: Annotated[int, Field(ge=5)] = 10
     protection: Protection = Protection()
+    # The policy's bound on one update's sample count. Masked float parts are 32-bit
+    # fixed point sized for it: a tight bound is finer resolution (secure_aggregation.frac_bits).
+    max_samples: Annotated[int, Field(ge=1)] = 1_000_000
     seed: int = 0
     time_limit_s: Annotated[float, Field(gt=0)] = 600.0
     tolerance: Annotated[float, Field(gt=0)] = 1e-6  # max |aggregate - exact weighted mean|
@@ -75,6 +82,11 @@ class Scenario(cfgmod._Section):
             raise ValueError("field tests check CKKS aggregates exactly; protection.scheme must be 'ckks'")
         if self.min_agents > self.agents:
             raise ValueError(f"min_agents {self.min_agents} exceeds agents {self.agents}")
+        masked = self.protection.secure_masking and self.protection.p < 1
+        unmask_kills = [f for f in self.faults if f.phase == "unmask"] + (
+            self.random_faults.aggregator_unmask_kill_rounds if self.random_faults else [])
+        if unmask_kills and not masked:
+            raise ValueError("an aggregator kill mid-unmasking needs protection.secure_masking with p < 1")
         ids = set(self.agent_ids)
         for f in self.faults:
             if f.agent is not None and f.agent not in ids:
@@ -107,6 +119,8 @@ class Scenario(cfgmod._Section):
                                  duration_s=float(rng.uniform(1.0, 4.0))))
         if rnd in rf.aggregator_kill_rounds:
             out.append(Fault(round=rnd, kind="aggregator-kill", phase="upload"))
+        if rnd in rf.aggregator_unmask_kill_rounds:
+            out.append(Fault(round=rnd, kind="aggregator-kill", phase="unmask"))
         if rnd in rf.broker_restart_rounds:
             out.append(Fault(round=rnd, kind="broker-restart", after_s=0.5))
         return out
