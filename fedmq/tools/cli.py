@@ -302,7 +302,7 @@ def fieldtest(scenario: Path = typer.Argument(..., help="Scenario YAML (see conf
 
     configure("fieldtest", log_level)
     sc = _load(Scenario, scenario)
-    console = Console(width=max(Console().width, 140))
+    console = Console(width=max(Console().width, 180))
     with tempfile.TemporaryDirectory(prefix="fedmq-field-") as tmp:
         where = workdir or Path(tmp)
         console.print(f"[bold]fedmq fieldtest[/] {sc.name}: {sc.agents} agents, {sc.rounds} rounds, work dir {where}")
@@ -381,7 +381,7 @@ def audit(json_out: Path = typer.Option(Path("runs/benchmarks/audit.json"), "--j
         table.add_row(r["mode"], r["aggregator_sees"], cell(r["dlg_psnr_drop_aware"]),
                       cell(r.get(f"dlg_psnr_aggregate_k{k}")), *[cell(r[c]) for c in dp_cols],
                       cell(r["idlg_psnr_drop_aware"]), cell(r["dlg_psnr_zero_guess"]))
-    Console(width=max(Console().width, 140)).print(table)
+    Console(width=max(Console().width, 180)).print(table)
     typer.echo(f"-> {json_out}, {json_out.with_suffix('.md')}")
 
 

@@ -119,7 +119,9 @@ def attack(model: nn.Module, mode: str, xs: torch.Tensor, ys: torch.Tensor, scor
     rec, match = reconstruct(model, view, sizes, tuple(xs.shape), iterations=iterations, seed=2000 + seed)
     recs, trues = rec[:, 0].numpy(), xs[:, 0].numpy()
     per_image = best_match_psnr(recs, trues)
+    mean_image = trues.mean(axis=0)  # the baseline a blurry "average digit" reaches without inverting anything
     best_for_first = max(range(len(recs)), key=lambda i: metrics.psnr(recs[i], trues[0]))
     return {"seed": seed, "mode": mode, "k": len(xs), "dp": None if dp is None else vars(dp),
             "psnr_per_image": per_image, "psnr_mean": statistics.mean(per_image), "match_loss": match,
+            "mean_image_psnr": statistics.mean(metrics.psnr(mean_image, t) for t in trues),
             "encrypted_fraction": view.encrypted_fraction, "_first": recs[best_for_first]}

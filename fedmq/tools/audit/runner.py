@@ -124,6 +124,7 @@ def run(*, seeds: int = 3, iterations: int = 300, quick: bool = False, progress:
             key = f"k={k}" if eps is None else f"k={k},epsilon={eps:g}"
             entry.setdefault("aggregate" if eps is None else "aggregate_dp", {})[key] = {
                 **_stats([r["psnr_mean"] for r in sel]),
+                "mean_image_psnr": statistics.mean(r["mean_image_psnr"] for r in sel),
                 **({"clip": "median L2 norm of the k updates",
                     "noise_multiplier": sel[0]["dp"]["noise_multiplier"],
                     "noise_std_sum_mean": statistics.mean(r["dp"]["noise_std_sum"] for r in sel)} if eps else {})}
@@ -205,7 +206,12 @@ def markdown(result: dict, command: str) -> str:
                 *[r[c] for c in agg_cols], *[r[c] for c in dp_cols], r["idlg_psnr_drop_aware"],
                 r["dlg_psnr_zero_guess"]]
         lines.append("| " + " | ".join(cell(v) for v in vals) + " |")
-    lines += ["", f"Aggregate: {s['aggregate']}. DP: {s['dp']}. Masked single upload: {s['masked_parts']}. "
+    means = {k: statistics.mean(r["mean_image_psnr"] for r in result["aggregate_rows"] if r["k"] == k)
+             for k in sorted({r["k"] for r in result.get("aggregate_rows", [])})}
+    baseline = ", ".join(f"k={k}: {v:.1f} dB" for k, v in means.items() if k > 1)
+    lines += ["", f"Aggregate: {s['aggregate']}" + (f" (the mean of the k true images scores {baseline}: an "
+                                                    "aggregate figure near it is an average digit, not an inversion)"
+                                                    if baseline else "") + f". DP: {s['dp']}. Masked single upload: {s['masked_parts']}. "
               "bytes/param: what travels per parameter where the wire format fixes it (float32 = 4, int8 "
               "code = 1, masked code = 2); modes with ciphertexts: `fedmq bench he`."]
     return "\n".join(lines) + "\n"
