@@ -1,6 +1,7 @@
 """DLG (Zhu et al., 2019) and iDLG (Zhao et al., 2020) against one observed view.
 
-Both optimize a dummy image (and for DLG a dummy label) so that its gradient
+Both optimize a dummy image (and for DLG a dummy label; a batch of them for an
+aggregate, aggregate.py) so that its gradient
 matches what the attacker observed, on the visible coordinates only, with L-BFGS
 as in the papers. iDLG first reads the label off the last layer's weight
 gradient — the true class's row is the only negative one under softmax
@@ -53,10 +54,12 @@ def infer_label(view: View, sizes: list[int], n_classes: int) -> int | None:
 
 def reconstruct(model: nn.Module, view: View, sizes: list[int], shape: tuple[int, ...], *, iterations: int,
                 seed: int, label: int | None = None, n_classes: int = 10) -> tuple[torch.Tensor, float]:
-    """The dummy image with the lowest matching loss seen, and that loss."""
+    """The dummy images (a batch of ``shape[0]``, with one soft label each: their summed
+    loss's gradient is matched) with the lowest matching loss seen, and that loss.
+    ``label`` (iDLG) fixes the label of a single dummy."""
     gen = torch.Generator().manual_seed(seed)
     dummy_x = torch.rand(shape, generator=gen).requires_grad_(True)
-    dummy_y = torch.randn(1, n_classes, generator=gen).requires_grad_(label is None)
+    dummy_y = torch.randn(shape[0], n_classes, generator=gen).requires_grad_(label is None)
     params = list(model.parameters())
     opt = torch.optim.LBFGS([dummy_x, dummy_y] if label is None else [dummy_x], lr=1.0, max_iter=iterations,
                             history_size=100, line_search_fn="strong_wolfe", tolerance_grad=1e-12,
