@@ -45,6 +45,30 @@ def test_smoke_scenario_passes_with_every_fault_applied(tmp_path):
     assert "PASS" in proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.long
+def test_thirty_percent_faults_with_secure_masking_every_round_exact(tmp_path):
+    """Issue 16: 30% faults per round with masking on — dropouts before and after
+    upload, the aggregator killed mid-upload and again after asking for the mask
+    correction, a broker restart — and every round's unmasked sum exact."""
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "fedmq", "fieldtest",
+                           str(ROOT / "configs/fieldtests/thirty-percent-masked.yaml"),
+                           "--workdir", str(tmp_path / "run"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] and [r["status"] for r in report["rounds"]] == ["aggregated"] * 8
+    assert all(r["max_error"] < 1e-5 for r in report["rounds"])
+    applied = " ".join(f for r in report["rounds"] for f in r["faults"])
+    assert "kill -9 aggregator (mid-unmasking" in applied and "kill -9 aggregator (mid-round" in applied
+    assert report["aggregator_resumes"] == 2
+    log = (tmp_path / "run/logs/keyauthority.log").read_text()
+    assert log.count("unmasked round") >= 8
+    # The aggregator killed after asking in round 5 asked again for the same survivors, and got them.
+    assert log.count("unmasked round 5 for") >= 2 and "refused to unmask" not in log
+
+
 def _echo_server() -> tuple[socket.socket, int]:
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
