@@ -72,7 +72,7 @@ def protect_ckks(ctx, weights: np.ndarray, n: int, mask: np.ndarray, plain_dtype
         bits = secure_aggregation.frac_bits(len(secure.selected), secure.max_weight)
         ring, _ = secure_aggregation.encode_fixed(plain, n, bits, rng or np.random.default_rng())
         lane = secure_aggregation.Lane(ring.size, secure_aggregation.PLAIN_WIDTH)
-        plain_bytes, plain_dtype = secure.apply([ring], [lane])[0].astype("<u4").tobytes(), "ring32"
+        plain_bytes, plain_dtype = secure.apply([ring], [lane])[0].tobytes(), "ring32"  # lane dtype is <u4
     return wire.Update(num_samples=n, n_params=weights.size, n_encrypted=int(mask.sum()),
                        ciphertexts=encrypt_weighted(ctx, secret, n, n_agents), plain=plain_bytes,
                        plain_dtype=plain_dtype, mask_digest=digest)

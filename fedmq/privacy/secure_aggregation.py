@@ -203,10 +203,15 @@ def frac_bits(n_agents: int, max_weight: int) -> int:
 def encode_fixed(values: np.ndarray, weight: int, bits: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """``weight * values`` in fixed point (stochastic rounding: unbiased), as ring
     elements; returns them and how many values were clipped to PLAIN_BOUND."""
-    clipped = int(np.count_nonzero(np.abs(values) > PLAIN_BOUND))
-    scaled = np.clip(values, -PLAIN_BOUND, PLAIN_BOUND) * float(weight) * float(1 << bits)
-    ints = np.floor(scaled + rng.random(values.size)).astype(np.int64)
-    return (ints & 0xFFFFFFFF).astype("<u4"), clipped
+    # In place, one temporary: an agent encodes millions of values per round.
+    scale = float(weight) * float(1 << bits)
+    limit = PLAIN_BOUND * scale
+    scaled = np.asarray(values, dtype=np.float64) * scale
+    clipped = int(np.count_nonzero(scaled > limit)) + int(np.count_nonzero(scaled < -limit))
+    np.clip(scaled, -limit, limit, out=scaled)
+    scaled += rng.random(scaled.size, dtype=np.float32)  # 24 random bits: ample for a rounding draw
+    np.floor(scaled, out=scaled)
+    return scaled.astype(np.int64).astype("<u4"), clipped  # int64 -> uint32 wraps: the ring element
 
 
 def decode_fixed(ring_sum: np.ndarray, bits: int) -> np.ndarray:

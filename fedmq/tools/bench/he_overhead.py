@@ -277,6 +277,40 @@ def run(models: list[str], ps: tuple[float, ...] = PS, reps: int = 3, progress: 
     return rows
 
 
+def masking_overhead(model: str = "cnn", reps: int = 9) -> list[dict]:
+    """An agent's protect time (protect + serialize) with and without secure masking,
+    measured interleaved — plain, masked, plain, masked… — so that the machine's drift
+    between rows does not pass for masking's cost. The issue's two masked modes."""
+    weights, _, base, sizes = client_weights(model)
+    ctx = he.create_secret_context(he.CkksParams())
+    bfv = he.create_bfv_secret_context(he.BfvParams())
+    _, secure = _round_masks()
+    rng = np.random.default_rng(0)
+    out = []
+    for mode, p in (("quantize", 0.0), ("ckks", 0.1)):
+        mask = masking.random_mask(base.size, p, seed=0) if p else np.zeros(base.size, dtype=bool)
+
+        def protect(sec, mode=mode, mask=mask):
+            if mode == "quantize":
+                update, _ = protection.protect_quantized(bfv, BENCH_PLAN, weights[0] - base, SAMPLES[0], mask,
+                                                         sizes, rng, CLIENTS, None, sec)
+            else:
+                update = protection.protect_ckks(ctx, weights[0], SAMPLES[0], mask, "float32", CLIENTS, None, sec,
+                                                 rng)
+            return wire.encode_body(update)[1]
+
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(reps):
+            for masked in (False, True):
+                t0 = time.perf_counter()
+                protect(secure[0] if masked else None)
+                times[masked].append(time.perf_counter() - t0)
+        plain, masked_s = statistics.median(times[False]), statistics.median(times[True])
+        out.append({"model": model, "mode": f"{mode}+mask", "p": p, "reps": reps, "plain_s": plain,
+                    "masked_s": masked_s, "ratio": masked_s / plain})
+    return out
+
+
 INPUT_SHAPES = {"linear": (784,), "lenet5": (1, 32, 32), "cnn": (1, 28, 28), "resnet18": (3, 32, 32)}
 
 
@@ -301,7 +335,7 @@ def sensitivity_timing(models: list[str], samples: int = 64) -> list[dict]:
     return out
 
 
-def targets(rows: list[Row]) -> list[tuple[str, bool, str]]:
+def targets(rows: list[Row], overhead: list[dict] | None = None) -> list[tuple[str, bool, str]]:
     """Issue 3's targets, evaluated on the measured rows."""
     out = []
     ckks = [r for r in rows if r.mode == "ckks"]
@@ -327,14 +361,13 @@ def targets(rows: list[Row]) -> list[tuple[str, bool, str]]:
     if mc:
         out.append(("CKKS p=0.1 with a masked float part, CNN <= 8 bytes/param", mc[0].bytes_per_param <= 8,
                     f"{mc[0].bytes_per_param:.2f}"))
-    # The issue's two masked modes against their unmasked twins, on the CNN. (Masking a
-    # p = 0 float update is fixed-point encoding plus the streams against a bare cast:
-    # its ratio is in the rows, not a target.)
-    for mode, p in (("quantize+mask", 0.0), ("ckks+mask", 0.1)):
-        twin = [r for r in rows if r.mode == mode and r.p == p and r.model == "cnn"]
-        if twin and twin[0].enc_ratio_to_unmasked is not None:
-            ratio = twin[0].enc_ratio_to_unmasked
-            out.append((f"{mode} p={p:g} agent protect time <= 1.2x unmasked (CNN)", ratio <= 1.2, f"{ratio:.2f}x"))
+    # The issue's two masked modes against their unmasked twins (masking_overhead: measured
+    # interleaved). Masking a p = 0 float update is fixed-point encoding plus the streams
+    # against a bare cast: its ratio is in the rows, not a target.
+    for o in overhead or []:
+        out.append((f"{o['mode']} p={o['p']:g} agent protect time <= 1.2x unmasked ({o['model']}, interleaved "
+                    f"medians of {o['reps']})", o["ratio"] <= 1.2,
+                    f"{o['ratio']:.2f}x ({1e3 * o['masked_s']:.0f} vs {1e3 * o['plain_s']:.0f} ms)"))
     qhe = [r for r in rows if r.mode == "quantize+he" and r.p == 1.0 and r.params >= 10_000]
     if qhe:
         worst = max(r.bytes_per_param for r in qhe)
@@ -379,14 +412,16 @@ def plot(rows: list[Row], png: Path) -> None:
     plt.close(fig)
 
 
-def write(rows: list[Row], json_path: Path, quick: bool, sensitivity: list[dict] | None = None) -> dict:
+def write(rows: list[Row], json_path: Path, quick: bool, sensitivity: list[dict] | None = None,
+          overhead: list[dict] | None = None) -> dict:
     doc = {
         "benchmark": "he", "quick": quick, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "fedmq_ckks": asdict(he.CkksParams()), "fedmq_bfv": asdict(he.BfvParams()), "flare_ckks": FLARE,
         "quantization_plan": BENCH_PLAN.to_wire(), "samples_per_client": SAMPLES,
         "rows": [asdict(r) for r in rows], "sensitivity": sensitivity or [],
-        "targets": [{"target": t, "met": ok, "measured": m} for t, ok, m in targets(rows)],
+        "masking_overhead": overhead or [],
+        "targets": [{"target": t, "met": ok, "measured": m} for t, ok, m in targets(rows, overhead)],
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(doc, indent=2))
