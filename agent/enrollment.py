@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedmq.privacy import he
+from fedmq.privacy import exposure, he
 from fedmq.protocol import topics, wire
 from fedmq.privacy.quantization import QuantPlan
 from fedmq.privacy import signing
@@ -114,6 +114,9 @@ class Enrollment:
             raise wire.WireError("the keys carry no task policy (granted by an older key authority)")
         self.plan = QuantPlan.from_wire(keys.plan) if keys.plan else None
         self._keys, self._ctx, self._bfv = keys, None, None
+        warning = exposure.start_warning(keys.policy.protection)
+        if warning:  # the agent's owner should know what its updates reveal, not only the operator
+            log.warning("%s: %s", self.id, warning)
 
     @property
     def ctx(self):
