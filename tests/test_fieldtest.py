@@ -167,3 +167,34 @@ def test_scenario_errors_name_file_and_key(tmp_path):
     with pytest.raises(ConfigError, match="fault in round 5"):
         load_scenario(bad)
     assert load_scenario(ROOT / "configs/fieldtests/smoke.yaml").agents == 5
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process_and_reports_the_closed_rounds(tmp_path):
+    """Issue 19: a field test stopped by SIGTERM (or Ctrl-C) stops what it started —
+    no orphaned agent, aggregator or broker — and reports the rounds that closed."""
+    import signal
+    import time
+
+    import psutil
+
+    out, work = tmp_path / "report.json", tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fedmq", "fieldtest", str(ROOT / "configs/fieldtests/smoke.yaml"),
+                             "--workdir", str(work), "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    lines = []
+    for line in proc.stdout:  # wait for the first round to close
+        lines.append(line)
+        if line.startswith("round 1 "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    text = "".join(lines) + rest
+    assert proc.returncode == 130, text[-3000:]
+    assert "interrupted" in text
+    report = json.loads(out.read_text())
+    assert report["interrupted"] and not report["ok"] and report["rounds"][0]["round"] == 1
+    time.sleep(1)
+    left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+            if any(str(work) in part for part in (p.info["cmdline"] or []))]
+    assert not left, left

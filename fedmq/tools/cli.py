@@ -6,6 +6,8 @@ This module is the composition root: each command imports its role lazily, so
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from pathlib import Path
 from enum import Enum
@@ -288,9 +290,15 @@ def demo(agents: int = typer.Option(4, min=2, help="Number of agents."),
         except ValueError as exc:
             typer.echo(f"--workload-options is not JSON: {exc}", err=True)
             raise typer.Exit(2) from None
-    raise typer.Exit(run_demo(agents=agents, rounds=rounds, kill_round=kill_round, workdir=workdir,
-                              chunk_kib=chunk_kib, timeout=timeout, protection=protection, workload=workload,
-                              workload_options=options, data_root=data_root))
+    try:
+        with _sigterm_as_interrupt():
+            code = run_demo(agents=agents, rounds=rounds, kill_round=kill_round, workdir=workdir,
+                            chunk_kib=chunk_kib, timeout=timeout, protection=protection, workload=workload,
+                            workload_options=options, data_root=data_root)
+    except KeyboardInterrupt:
+        typer.echo("demo interrupted: every process it started has been stopped", err=True)
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -313,11 +321,29 @@ def fieldtest(scenario: Path = typer.Argument(..., help="Scenario YAML (see conf
     with tempfile.TemporaryDirectory(prefix="fedmq-field-") as tmp:
         where = workdir or Path(tmp)
         console.print(f"[bold]fedmq fieldtest[/] {sc.name}: {sc.agents} agents, {sc.rounds} rounds, work dir {where}")
-        report = FieldTest(sc, where).run(on_round=lambda rep: console.print(round_line(rep)))
+        with _sigterm_as_interrupt():
+            report = FieldTest(sc, where).run(on_round=lambda rep: console.print(round_line(rep)))
         render(report, console)
         if json_out:
             write_json(report, json_out)
+    if report.interrupted:
+        console.print("[yellow]interrupted: the report covers the rounds that closed before[/]")
+        raise typer.Exit(130)
     raise typer.Exit(0 if report.ok else 1)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (systemd, kill, a CI timeout) unwinds like Ctrl-C: the processes a
+    command started are stopped by its own cleanup, not orphaned."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()

@@ -57,10 +57,11 @@ class FieldReport:
     faults_applied: int
     faults_skipped: list[str]
     aggregator_resumes: int
+    interrupted: bool = False  # Ctrl-C or SIGTERM: the rounds that closed until then
 
     @property
     def ok(self) -> bool:
-        return len(self.rounds) > 0 and all(r.ok for r in self.rounds)
+        return len(self.rounds) > 0 and all(r.ok for r in self.rounds) and not self.interrupted
 
     def to_json(self) -> dict:
         return {**asdict(self), "ok": self.ok}
@@ -256,6 +257,7 @@ class FieldTest:
         cluster.write_configs(min_agents=sc.min_agents)
         t0 = time.monotonic()
         last = sc.rounds + self.offset
+        interrupted = False
         try:
             self._start_broker()
             cluster.start_role("keyauthority")
@@ -287,6 +289,9 @@ class FieldTest:
                     if time.monotonic() - finished_at > 15:  # its last words had time to arrive
                         log.error("the aggregator finished, but not every round was seen to close")
                         break
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("interrupted: stopping every process, then reporting the rounds that closed")
         finally:
             for agents in self.stopped.values():
                 for agent in agents:
@@ -299,7 +304,11 @@ class FieldTest:
             for proxy in self.proxies.values():
                 proxy.stop()
         wall = time.monotonic() - t0
-        return self._verify(oracle_dir, last, wall)
+        if interrupted:
+            last = max([r for r, rep in self.reports.items() if rep.status != "open"], default=self.offset)
+        report = self._verify(oracle_dir, last, wall)
+        report.interrupted = interrupted
+        return report
 
     def _verify(self, oracle_dir: Path, last: int, wall: float) -> FieldReport:
         ctx = oracle.secret_context(self.workdir / "state/keyauthority")
