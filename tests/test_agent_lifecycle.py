@@ -17,6 +17,7 @@ from fedmq.tools.local_cluster import Cluster, free_port
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.long  # real processes, ~30 s: CI's long pass runs it
 def test_wiped_state_dir_reenrolls_and_rejoins(cluster_factory):
     with cluster_factory(n_agents=3, rounds=4) as (cluster, obs):
         obs.wait_for("closed", 1, timeout=120)
@@ -33,6 +34,7 @@ def test_wiped_state_dir_reenrolls_and_rejoins(cluster_factory):
         assert late, "the re-imaged agent never took part again"
 
 
+@pytest.mark.long  # real processes, ~30 s: CI's long pass runs it
 def test_sigterm_with_broker_down_mid_upload_exits_and_keeps_the_upload(tmp_path):
     cluster = Cluster(workdir=tmp_path, port=free_port(), n_agents=2, rounds=1, chunk_size=16 * 1024,
                       round_timeout_s=90.0)

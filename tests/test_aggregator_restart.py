@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 AGENTS = ["agent-1", "agent-2", "agent-3"]
 
 
+@pytest.mark.long  # real processes, ~30 s: CI's long pass runs it
 def test_kill9_mid_round_then_resume(cluster_factory):
     # agent-3 uploads 17 chunks 0.3 s apart: the crash lands in the middle of its upload.
     with cluster_factory(n_agents=3, rounds=2, watch="agent-3", slow_agents={"agent-3": 0.3}) as (cluster, obs):

@@ -33,6 +33,7 @@ def _scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
 
 
+@pytest.mark.long  # real processes, ~30 s: CI's long pass runs it
 def test_dp_noise_accounting_and_budget_stop(cluster_factory, tmp_path):
     prot = wire.Protection(scheme="quantize", p=0.0, mode="random", secure_masking=True)
     metrics_port = free_port()

@@ -170,6 +170,7 @@ def test_scenario_errors_name_file_and_key(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # real processes, ~30 s: CI's long pass runs it
 def test_sigterm_stops_every_process_and_reports_the_closed_rounds(tmp_path):
     """Issue 19: a field test stopped by SIGTERM (or Ctrl-C) stops what it started —
     no orphaned agent, aggregator or broker — and reports the rounds that closed."""

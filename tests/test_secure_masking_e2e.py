@@ -105,6 +105,7 @@ def _lying_aggregator_is_refused(cluster) -> None:
     assert "refused to unmask round 3" in cluster.log_text("keyauthority")
 
 
+@pytest.mark.long  # real processes, ~30 s: CI's long pass runs it
 def test_masked_float_part_of_selective_ckks(cluster_factory):
     prot = wire.Protection(scheme="ckks", p=0.3, mode="random", seed=11, secure_masking=True)
     with cluster_factory(n_agents=3, rounds=2, protection=prot) as (cluster, obs):
