@@ -347,6 +347,67 @@ def _sigterm_as_interrupt():
 
 
 @app.command()
+def fleet(agents: int = typer.Option(100, min=2, help="Number of real agents."),
+          processes: int = typer.Option(4, min=1, help="Processes hosting them (threads of real agents)."),
+          rounds: int = typer.Option(3, min=1),
+          scheme: str = typer.Option("ckks", help="ckks | quantize | quantize+he (default: full CKKS)."),
+          p: float = typer.Option(1.0, min=0.0, max=1.0),
+          masking: bool = typer.Option(False, help="Secure masking of the readable part."),
+          broker: str = typer.Option("auto", help="auto | mosquitto | embedded"),
+          verify: bool = typer.Option(True, help="Check every round against the exact weighted mean (test mode "
+                                                 "dumps: never on real devices)."),
+          workdir: Optional[Path] = typer.Option(None, help="Where configs, keys, logs go (default: temp dir)."),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
+          time_limit: float = typer.Option(3600, help="Give up after this many seconds.")) -> None:
+    """N real agents in a few processes: enrollment, rounds, and what each costs."""
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedmq.protocol import wire
+    from fedmq.tools.fleet.runner import FleetSettings, run_fleet, write_json
+
+    configure("fleet", "WARNING")
+    protection = wire.Protection(scheme=scheme, p=p, mode="random", secure_masking=masking)
+    settings = FleetSettings(agents=agents, processes=processes, rounds=rounds, protection=protection,
+                             broker=broker, verify=verify, time_limit_s=time_limit)
+    console = Console(width=max(Console().width, 120))
+    with tempfile.TemporaryDirectory(prefix="fedmq-fleet-") as tmp:
+        where = workdir or Path(tmp)
+        console.print(f"[bold]fedmq fleet[/]: {agents} agents in {processes} processes, {rounds} rounds, "
+                      f"work dir {where}")
+        with _sigterm_as_interrupt():
+            rep = run_fleet(settings, where, on_round=lambda r, v: console.print(
+                f"round {r} {v.closed.status}: {len(v.closed.participants)}/{len(v.selected)} agents"))
+        if json_out:
+            write_json(rep, json_out)
+    table = Table(title=f"{agents} agents, {rep.broker} broker, {scheme} p={p:g} (fleet online in {rep.online_s} s)")
+    for col in ("round", "status", "agents", "close s", "fold s", "MB in", "exact"):
+        table.add_column(col, justify="right")
+    for r in rep.rounds:
+        table.add_row(str(r.round), r.status, f"{r.participants}/{r.selected}", str(r.close_s), f"{r.agg_s:.2f}",
+                      f"{r.bytes_received / 1e6:.1f}", "-" if r.exact is None else
+                      (f"yes ({r.max_error:.0e})" if r.exact else "NO"))
+    console.print(table)
+    for u in rep.usage:
+        console.print(f"{u.name}: peak RSS {u.peak_rss_mb:.0f} MB over {u.processes} process(es), CPU {u.cpu_s:.1f} s")
+    raise typer.Exit(0 if rep.ok else 1)
+
+
+@app.command("fleet-host", hidden=True)
+def fleet_host(listing: Path = typer.Option(..., "--list", help="A file with one agent config path per line."),
+               log_level: str = "WARNING") -> None:
+    """Run the listed agents in this process (``fedmq fleet`` starts these)."""
+    from fedmq.runtime.signals import stop_event
+    from fedmq.tools.fleet.host import run_host
+
+    configure("fleet-host", log_level)
+    paths = [Path(line) for line in listing.read_text().splitlines() if line.strip()]
+    raise typer.Exit(1 if run_host(paths, stop_event()) else 0)
+
+
+@app.command()
 def report(db: Path = typer.Option(Path("state/aggregator/telemetry.sqlite"), "--db",
                                    help="The aggregator's telemetry database (in its state_dir)."),
            png: Optional[Path] = typer.Option(None, help="Write PNG plots into this directory.")) -> None:

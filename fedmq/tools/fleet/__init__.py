@@ -1,0 +1,1 @@
+"""``fedmq fleet``: hundreds of real agents on one machine (issue 17)."""
