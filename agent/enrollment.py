@@ -114,9 +114,8 @@ class Enrollment:
             raise wire.WireError("the keys carry no task policy (granted by an older key authority)")
         self.plan = QuantPlan.from_wire(keys.plan) if keys.plan else None
         self._keys, self._ctx, self._bfv = keys, None, None
-        warning = exposure.start_warning(keys.policy.protection)
-        if warning:  # the agent's owner should know what its updates reveal, not only the operator
-            log.warning("%s: %s", self.id, warning)
+        # The agent's owner should know what its updates reveal, not only the operator.
+        exposure.log_start_warning(log, keys.policy.protection, f"{self.id}: ")
 
     @property
     def ctx(self):

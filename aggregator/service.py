@@ -136,9 +136,7 @@ class Aggregator(Intake, Folding, Unmasking, RoundLifecycle):
             raise StartError(f"min_agents{where} is {self.cfg.min_agents}, below the policy's {policy.min_agents}: "
                              "agents would refuse every round")
         self.policy, self.protection, self.max_samples = policy, policy.protection, policy.max_samples
-        warning = exposure.start_warning(policy.protection)
-        if warning:
-            log.warning("%s", warning)
+        exposure.log_start_warning(log, policy.protection)
         self._restore_mask()
 
     def _persist(self) -> None:

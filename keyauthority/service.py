@@ -144,9 +144,7 @@ class KeyAuthority:
                                                     policy=self.policy),
                                  task=task, rnd=0,
                                  chunk_size=self.cfg.chunk_size, retain=True)
-        warning = exposure.start_warning(self.policy.protection)
-        if warning:
-            log.warning("%s", warning)
+        exposure.log_start_warning(log, self.policy.protection)
         log.info("published the public contexts (CKKS %d, BFV %d bytes; no keys, no plan) and the signed policy "
                  "(%s, p=%s, min %d agents) for task %s", len(self.public_blob), len(self.bfv_public_blob),
                  self.policy.protection.scheme, self.policy.protection.p, self.policy.min_agents, task)

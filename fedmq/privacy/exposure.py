@@ -8,12 +8,18 @@ agent: everything encrypted, or everything readable masked (secure_aggregation.p
 
 from __future__ import annotations
 
+import logging
+
 from fedmq.protocol.messages import Protection
+
+
+def _fully_encrypted(prot: Protection) -> bool:
+    return prot.p >= 1.0 and prot.scheme != "quantize"  # quantize encrypts nothing, whatever p says
 
 
 def exposed_part(prot: Protection) -> str | None:
     """None when no single update is readable by the aggregator; else what it reads."""
-    if prot.secure_masking or prot.p >= 1.0 and prot.scheme != "quantize":
+    if prot.secure_masking or _fully_encrypted(prot):
         return None
     if prot.scheme == "ckks":
         return f"the unencrypted {1 - prot.p:.0%} of every update as floats"
@@ -27,7 +33,7 @@ def aggregator_view(prot: Protection) -> str:
     exposed = exposed_part(prot)
     if exposed is not None:
         return f"one agent's update: {exposed}"
-    if prot.secure_masking and not (prot.p >= 1.0 and prot.scheme != "quantize"):
+    if prot.secure_masking and not _fully_encrypted(prot):
         return "ciphertexts and masked integers: only the round's sum of the readable part"
     return "ciphertexts only"
 
@@ -44,3 +50,10 @@ def start_warning(prot: Protection) -> str | None:
         notes.append("differential privacy noise is shared among the agents: one update's share alone protects "
                      "little unless updates are masked or encrypted")
     return "; ".join(notes) or None
+
+
+def log_start_warning(logger: logging.Logger, prot: Protection, prefix: str = "") -> None:
+    """Every role (key authority, aggregator, each agent) says it at start."""
+    warning = start_warning(prot)
+    if warning:
+        logger.warning("%s%s", prefix, warning)

@@ -6,8 +6,6 @@ This module is the composition root: each command imports its role lazily, so
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import sys
 from pathlib import Path
 from enum import Enum
@@ -17,6 +15,7 @@ import typer
 
 from fedmq.runtime import config as cfgmod
 from fedmq.runtime.logging_setup import configure
+from fedmq.tools.command_support import load_config_or_exit as _load
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Privacy-preserving federated learning over MQTT.")
@@ -34,14 +33,6 @@ def _version(value: bool) -> None:
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print fedmq's version and exit.")) -> None:
     """Privacy-preserving federated learning over MQTT."""
-
-
-def _load(model, path: Path):
-    try:
-        return cfgmod.load(model, path)
-    except cfgmod.ConfigError as exc:
-        typer.echo(f"config error:\n{exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 broker_app = typer.Typer(invoke_without_command=True, help="The embedded broker; `provision` for mosquitto.")
@@ -245,169 +236,6 @@ def install_unit(config: Path = typer.Option(..., "--config", help="The agent YA
 
 
 @app.command()
-def demo(agents: int = typer.Option(4, min=2, help="Number of agents."),
-         rounds: int = typer.Option(5, min=1, help="Number of rounds."),
-         kill_round: int = typer.Option(3, help="Round in which one agent is killed (0: none)."),
-         workdir: Optional[Path] = typer.Option(None, help="Where configs, keys and logs go (default: a temp dir)."),
-         chunk_kib: int = typer.Option(64, help="Upload chunk size in KiB."),
-         scheme: str = typer.Option("quantize", help="quantize | ckks | quantize+he (default: the cheapest mode "
-                                                     "that hides every single update from the aggregator: "
-                                                     "masked quantize)"),
-         p: float = typer.Option(1.0, min=0.0, max=1.0, help="Encrypted fraction (ckks, quantize+he)."),
-         selection: str = typer.Option("sensitivity", help="sensitivity | random (when 0 < p < 1)."),
-         masking: bool = typer.Option(True, help="Secure masking of every part the aggregator can read; without "
-                                                 "it, quantize and p < 1 expose single updates."),
-         workload: Optional[str] = typer.Option(None, help="Any workload: built-in name, module:attribute or an "
-                                                           "installed entry point (default: digits-mlp)."),
-         workload_options: Optional[str] = typer.Option(None, help="The workload's options, as JSON."),
-         data_root: Optional[Path] = typer.Option(None, help="DATA_ROOT/agent-N is agent N's data_dir."),
-         timeout: float = typer.Option(600, help="Give up after this many seconds.")) -> None:
-    """Broker, key authority, aggregator and N agents as processes; a few encrypted rounds."""
-    configure("demo", "WARNING")
-    from pydantic import ValidationError
-
-    from fedmq.privacy import exposure
-    from fedmq.protocol import wire
-    from fedmq.tools.demo import run_demo
-
-    if scheme == "quantize" and p not in (0.0, 1.0):
-        typer.echo(f"--scheme quantize encrypts nothing, so --p {p:g} would be ignored; use --scheme quantize+he "
-                   "to encrypt a fraction of the codes", err=True)
-        raise typer.Exit(2)
-    try:
-        protection = wire.Protection(scheme=scheme, p=p, mode=selection)
-        if masking and exposure.exposed_part(protection) is not None:
-            protection = wire.Protection(scheme=scheme, p=p, mode=selection, secure_masking=True)
-    except ValidationError as exc:
-        typer.echo(f"invalid protection: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", err=True)
-        raise typer.Exit(2) from None
-    options = None
-    if workload_options:
-        import json
-
-        try:
-            options = json.loads(workload_options)
-        except ValueError as exc:
-            typer.echo(f"--workload-options is not JSON: {exc}", err=True)
-            raise typer.Exit(2) from None
-    try:
-        with _sigterm_as_interrupt():
-            code = run_demo(agents=agents, rounds=rounds, kill_round=kill_round, workdir=workdir,
-                            chunk_kib=chunk_kib, timeout=timeout, protection=protection, workload=workload,
-                            workload_options=options, data_root=data_root)
-    except KeyboardInterrupt:
-        typer.echo("demo interrupted: every process it started has been stopped", err=True)
-        raise typer.Exit(130) from None
-    raise typer.Exit(code)
-
-
-@app.command()
-def fieldtest(scenario: Path = typer.Argument(..., help="Scenario YAML (see configs/fieldtests/)."),
-              workdir: Optional[Path] = typer.Option(None, help="Where configs, keys, logs go (default: temp dir)."),
-              json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
-              log_level: str = "WARNING") -> None:
-    """Run a scenario under its fault schedule; exit 1 if any round is missing or not exact."""
-    import tempfile
-
-    from rich.console import Console
-
-    from fedmq.tools.fieldtest.report import render, round_line
-    from fedmq.tools.fieldtest.runner import FieldTest, write_json
-    from fedmq.tools.fieldtest.scenario import Scenario
-
-    configure("fieldtest", log_level)
-    sc = _load(Scenario, scenario)
-    console = Console(width=max(Console().width, 180))
-    with tempfile.TemporaryDirectory(prefix="fedmq-field-") as tmp:
-        where = workdir or Path(tmp)
-        console.print(f"[bold]fedmq fieldtest[/] {sc.name}: {sc.agents} agents, {sc.rounds} rounds, work dir {where}")
-        with _sigterm_as_interrupt():
-            report = FieldTest(sc, where).run(on_round=lambda rep: console.print(round_line(rep)))
-        render(report, console)
-        if json_out:
-            write_json(report, json_out)
-    if report.interrupted:
-        console.print("[yellow]interrupted: the report covers the rounds that closed before[/]")
-        raise typer.Exit(130)
-    raise typer.Exit(0 if report.ok else 1)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (systemd, kill, a CI timeout) unwinds like Ctrl-C: the processes a
-    command started are stopped by its own cleanup, not orphaned."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@app.command()
-def fleet(agents: int = typer.Option(100, min=2, help="Number of real agents."),
-          processes: int = typer.Option(4, min=1, help="Processes hosting them (threads of real agents)."),
-          rounds: int = typer.Option(3, min=1),
-          scheme: str = typer.Option("ckks", help="ckks | quantize | quantize+he (default: full CKKS)."),
-          p: float = typer.Option(1.0, min=0.0, max=1.0),
-          masking: bool = typer.Option(False, help="Secure masking of the readable part."),
-          broker: str = typer.Option("auto", help="auto | mosquitto | embedded"),
-          verify: bool = typer.Option(True, help="Check every round against the exact weighted mean (test mode "
-                                                 "dumps: never on real devices)."),
-          workdir: Optional[Path] = typer.Option(None, help="Where configs, keys, logs go (default: temp dir)."),
-          json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
-          time_limit: float = typer.Option(3600, help="Give up after this many seconds.")) -> None:
-    """N real agents in a few processes: enrollment, rounds, and what each costs."""
-    import tempfile
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from fedmq.protocol import wire
-    from fedmq.tools.fleet.runner import FleetSettings, run_fleet, write_json
-
-    configure("fleet", "WARNING")
-    protection = wire.Protection(scheme=scheme, p=p, mode="random", secure_masking=masking)
-    settings = FleetSettings(agents=agents, processes=processes, rounds=rounds, protection=protection,
-                             broker=broker, verify=verify, time_limit_s=time_limit)
-    console = Console(width=max(Console().width, 120))
-    with tempfile.TemporaryDirectory(prefix="fedmq-fleet-") as tmp:
-        where = workdir or Path(tmp)
-        console.print(f"[bold]fedmq fleet[/]: {agents} agents in {processes} processes, {rounds} rounds, "
-                      f"work dir {where}")
-        with _sigterm_as_interrupt():
-            rep = run_fleet(settings, where, on_round=lambda r, v: console.print(
-                f"round {r} {v.closed.status}: {len(v.closed.participants)}/{len(v.selected)} agents"))
-        if json_out:
-            write_json(rep, json_out)
-    table = Table(title=f"{agents} agents, {rep.broker} broker, {scheme} p={p:g} (fleet online in {rep.online_s} s)")
-    for col in ("round", "status", "agents", "close s", "fold s", "MB in", "exact"):
-        table.add_column(col, justify="right")
-    for r in rep.rounds:
-        table.add_row(str(r.round), r.status, f"{r.participants}/{r.selected}", str(r.close_s), f"{r.agg_s:.2f}",
-                      f"{r.bytes_received / 1e6:.1f}", "-" if r.exact is None else
-                      (f"yes ({r.max_error:.0e})" if r.exact else "NO"))
-    console.print(table)
-    for u in rep.usage:
-        console.print(f"{u.name}: peak RSS {u.peak_rss_mb:.0f} MB over {u.processes} process(es), CPU {u.cpu_s:.1f} s")
-    raise typer.Exit(0 if rep.ok else 1)
-
-
-@app.command("fleet-host", hidden=True)
-def fleet_host(listing: Path = typer.Option(..., "--list", help="A file with one agent config path per line."),
-               log_level: str = "WARNING") -> None:
-    """Run the listed agents in this process (``fedmq fleet`` starts these)."""
-    from fedmq.runtime.signals import stop_event
-    from fedmq.tools.fleet.host import run_host
-
-    configure("fleet-host", log_level)
-    paths = [Path(line) for line in listing.read_text().splitlines() if line.strip()]
-    raise typer.Exit(1 if run_host(paths, stop_event()) else 0)
-
-
-@app.command()
 def report(db: Path = typer.Option(Path("state/aggregator/telemetry.sqlite"), "--db",
                                    help="The aggregator's telemetry database (in its state_dir)."),
            png: Optional[Path] = typer.Option(None, help="Write PNG plots into this directory.")) -> None:
@@ -426,60 +254,13 @@ def report(db: Path = typer.Option(Path("state/aggregator/telemetry.sqlite"), "-
     raise typer.Exit(0 if rows else 1)
 
 
-@app.command()
-def audit(json_out: Path = typer.Option(Path("runs/benchmarks/audit.json"), "--json"),
-          png: Optional[Path] = typer.Option(None, help="Grid of reconstructions (default: next to the JSON)."),
-          quick: bool = typer.Option(False, help="2 seeds, 100 iterations, p in {0.1, 0.3}, aggregates of k in "
-                                                 "{1, 4} (a few minutes on 2 cores)."),
-          seeds: Optional[int] = typer.Option(None, min=1, help="Images/initializations (default 3; quick 2)."),
-          iterations: Optional[int] = typer.Option(None, min=1, help="L-BFGS iterations (default 300; quick 100)."),
-          dp_epsilon: list[float] = typer.Option([8.0], "--dp-epsilon",
-                                                 help="Client-level DP budgets for the DP aggregate (repeatable).")
-          ) -> None:
-    """Privacy audit: DLG and iDLG against what the aggregator sees, under every protection mode.
+from fedmq.tools.audit.command import audit  # noqa: E402 - after the app, like the other groups
+from fedmq.tools.bench.commands import bench_app  # noqa: E402
+from fedmq.tools.local_run_commands import demo, fieldtest, fleet, fleet_host  # noqa: E402
 
-    Headline: the drop-aware attacker on one update (it knows which coordinates are
-    encrypted), then DLG on the sum of k updates (all a masked mode reveals) with and
-    without client-level DP. Writes JSON, a PNG grid and a markdown table (.md)."""
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from fedmq.tools.audit import runner
-
-    configure("audit", "WARNING")
-    result = runner.run(seeds=seeds or (2 if quick else 3), iterations=iterations or (100 if quick else 300),
-                        quick=quick, dp_epsilons=tuple(dp_epsilon))
-    runner.plot(result, png or json_out.with_suffix(".png"))
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=2))
-    command = " ".join(["fedmq", *sys.argv[1:]])
-    json_out.with_suffix(".md").write_text(runner.markdown(result, command))
-    rnd = result["random_image_psnr"]
-    rows = result["table"]
-    k = rows[0]["aggregate_k"] if rows else None
-    dp_cols = [c for c in rows[0] if c.startswith("dlg_psnr_dp_")] if rows else []
-    table = Table(title=f"Gradient inversion vs protection, DLG/iDLG PSNR in dB (LeNet, digits 32x32; "
-                        f"random image: {rnd:.1f} dB)")
-    heads = ["protection", "aggregator sees", "DLG drop-aware", f"DLG aggregate of {k}",
-             *[c.removeprefix("dlg_psnr_").replace("_", " ") for c in dp_cols], "iDLG drop-aware", "DLG zero-guess"]
-    for col in heads:
-        table.add_column(col, justify="left" if col in ("protection", "aggregator sees") else "right",
-                         overflow="fold")
-
-    def cell(x) -> str:
-        return "-" if x is None else f"{x:.1f}"
-
-    for r in rows:
-        table.add_row(r["mode"], r["aggregator_sees"], cell(r["dlg_psnr_drop_aware"]),
-                      cell(r.get(f"dlg_psnr_aggregate_k{k}")), *[cell(r[c]) for c in dp_cols],
-                      cell(r["idlg_psnr_drop_aware"]), cell(r["dlg_psnr_zero_guess"]))
-    Console(width=max(Console().width, 180)).print(table)
-    typer.echo(f"-> {json_out}, {json_out.with_suffix('.md')}")
-
-
-from fedmq.tools.bench.commands import bench_app  # noqa: E402 - after the app, like the other groups
+for command in (demo, fieldtest, fleet, audit):
+    app.command()(command)
+app.command("fleet-host", hidden=True)(fleet_host)
 
 app.add_typer(bench_app, name="bench")
 

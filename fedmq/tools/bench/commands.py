@@ -27,12 +27,14 @@ def bench_he(json_out: Path = typer.Option(Path("runs/benchmarks/he.json"), "--j
     from rich.table import Table
 
     from fedmq.tools.bench import he_overhead as bench
+    from fedmq.tools.bench.masking_overhead import masking_overhead
+    from fedmq.tools.bench.sensitivity_timing import sensitivity_timing
 
     names = models.split(",") if models else (["linear", "lenet5", "cnn"] if quick
                                               else ["linear", "lenet5", "cnn", "resnet18"])
     rows = bench.run(names, reps=reps or (1 if quick else 3))
-    overhead = bench.masking_overhead("cnn" if "cnn" in names else names[-1], reps=3 if quick else 9)
-    doc = bench.write(rows, json_out, quick, bench.sensitivity_timing(names), overhead)
+    overhead = masking_overhead("cnn" if "cnn" in names else names[-1], reps=3 if quick else 9)
+    doc = bench.write(rows, json_out, quick, sensitivity_timing(names), overhead)
     png = png or json_out.with_suffix(".png")
     bench.plot(rows, png)
     table = Table(title=f"3-client round, fedmq vs FLARE-style CKKS (cpus: {os.cpu_count()})")

@@ -110,7 +110,7 @@ def fedavg(weights: list[np.ndarray]) -> np.ndarray:
 AGENTS = [f"agent-{i + 1}" for i in range(CLIENTS)]
 
 
-def _round_masks() -> tuple[dict, list[protection.RoundMasking]]:
+def round_masks() -> tuple[dict, list[protection.RoundMasking]]:
     """The agents' mask keys as the key authority derives them, and each agent's round masking."""
     master = os.urandom(32)
     keys = {a: secure_aggregation.agent_private_key(master, "bench", a) for a in AGENTS}
@@ -127,7 +127,7 @@ def _fedmq_round(mode, keys, weights, base, sizes, mask, reps):
     quantized = mode != "ckks"
     digest = masking.mask_digest(mask) if 0 < mask.sum() < mask.size else None
     rng = np.random.default_rng(0)
-    mask_keys, secure = _round_masks() if masked else ({}, [None] * CLIENTS)
+    mask_keys, secure = round_masks() if masked else ({}, [None] * CLIENTS)
 
     def protect(w, n, sec):
         if quantized:
@@ -277,64 +277,6 @@ def run(models: list[str], ps: tuple[float, ...] = PS, reps: int = 3, progress: 
     return rows
 
 
-def masking_overhead(model: str = "cnn", reps: int = 9) -> list[dict]:
-    """An agent's protect time (protect + serialize) with and without secure masking,
-    measured interleaved — plain, masked, plain, masked… — so that the machine's drift
-    between rows does not pass for masking's cost. The issue's two masked modes."""
-    weights, _, base, sizes = client_weights(model)
-    ctx = he.create_secret_context(he.CkksParams())
-    bfv = he.create_bfv_secret_context(he.BfvParams())
-    _, secure = _round_masks()
-    rng = np.random.default_rng(0)
-    out = []
-    for mode, p in (("quantize", 0.0), ("ckks", 0.1)):
-        mask = masking.random_mask(base.size, p, seed=0) if p else np.zeros(base.size, dtype=bool)
-
-        def protect(sec, mode=mode, mask=mask):
-            if mode == "quantize":
-                update, _ = protection.protect_quantized(bfv, BENCH_PLAN, weights[0] - base, SAMPLES[0], mask,
-                                                         sizes, rng, CLIENTS, None, sec)
-            else:
-                update = protection.protect_ckks(ctx, weights[0], SAMPLES[0], mask, "float32", CLIENTS, None, sec,
-                                                 rng)
-            return wire.encode_body(update)[1]
-
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(reps):
-            for masked in (False, True):
-                t0 = time.perf_counter()
-                protect(secure[0] if masked else None)
-                times[masked].append(time.perf_counter() - t0)
-        plain, masked_s = statistics.median(times[False]), statistics.median(times[True])
-        out.append({"model": model, "mode": f"{mode}+mask", "p": p, "reps": reps, "plain_s": plain,
-                    "masked_s": masked_s, "ratio": masked_s / plain})
-    return out
-
-
-INPUT_SHAPES = {"linear": (784,), "lenet5": (1, 32, 32), "cnn": (1, 28, 28), "resnet18": (3, 32, 32)}
-
-
-def sensitivity_timing(models: list[str], samples: int = 64) -> list[dict]:
-    """Seconds for one agent's sensitivity map (seed 000, step 1) on K random inputs."""
-    import torch
-
-    from fedmq.learning.models import BENCH_MODELS, n_params
-    from fedmq.privacy.sensitivity import sensitivity_map
-
-    out = []
-    for name in models:
-        torch.manual_seed(0)
-        model = BENCH_MODELS[name]()
-        x = torch.randn(samples, *INPUT_SHAPES[name])
-        y = torch.randint(0, 10, (samples,))
-        t0 = time.perf_counter()
-        scores = sensitivity_map(model, x, y, batch_size=16)
-        out.append({"model": name, "params": n_params(model), "samples": samples,
-                    "seconds": time.perf_counter() - t0, "finite": bool(np.isfinite(scores).all()),
-                    "torch_threads": torch.get_num_threads()})
-    return out
-
-
 def targets(rows: list[Row], overhead: list[dict] | None = None) -> list[tuple[str, bool, str]]:
     """Issue 3's targets, evaluated on the measured rows."""
     out = []
@@ -361,7 +303,7 @@ def targets(rows: list[Row], overhead: list[dict] | None = None) -> list[tuple[s
     if mc:
         out.append(("CKKS p=0.1 with a masked float part, CNN <= 8 bytes/param", mc[0].bytes_per_param <= 8,
                     f"{mc[0].bytes_per_param:.2f}"))
-    # The issue's two masked modes against their unmasked twins (masking_overhead: measured
+    # The issue's two masked modes against their unmasked twins (masking_overhead.py: measured
     # interleaved). Masking a p = 0 float update is fixed-point encoding plus the streams
     # against a bare cast: its ratio is in the rows, not a target.
     for o in overhead or []:
