@@ -23,6 +23,13 @@ def mosquitto_binary() -> str | None:
         (p for p in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto") if Path(p).exists()), None)
 
 
+def resolve_kind(kind: str) -> str:
+    """``auto`` is mosquitto where it is installed (the broker fleets run), else the embedded one."""
+    if kind != "auto":
+        return kind
+    return "mosquitto" if mosquitto_binary() else "embedded"
+
+
 @dataclass
 class MosquittoProcess:
     workdir: Path

@@ -25,7 +25,7 @@ from fedmq.privacy import masking
 from fedmq.tools.fieldtest import oracle
 from fedmq.tools.fieldtest.scenario import Fault, Scenario
 from fedmq.tools.fieldtest.tcp_proxy import TcpProxy
-from fedmq.tools.local_broker import MosquittoProcess, mosquitto_binary
+from fedmq.tools.local_broker import MosquittoProcess, resolve_kind
 from fedmq.tools.local_cluster import Cluster, Observer, free_port
 
 log = logging.getLogger("fedmq.tools.fieldtest")
@@ -79,9 +79,7 @@ class FieldTest:
         self.workdir = workdir
         self.offset = int(masking.needs_agreement(scenario.protection.scheme, scenario.protection.p,
                                                   scenario.protection.mode))
-        self.broker_kind = scenario.broker
-        if self.broker_kind == "auto":
-            self.broker_kind = "mosquitto" if mosquitto_binary() else "embedded"
+        self.broker_kind = resolve_kind(scenario.broker)
         self.cluster = Cluster(workdir=workdir, port=free_port(), n_agents=scenario.agents,
                                rounds=scenario.rounds, chunk_size=scenario.chunk_size,
                                round_timeout_s=scenario.round_timeout_s,

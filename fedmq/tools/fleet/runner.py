@@ -28,7 +28,7 @@ import psutil
 from fedmq.protocol import wire
 from fedmq.runtime import config as cfgmod
 from fedmq.tools.fieldtest import oracle
-from fedmq.tools.local_broker import MosquittoProcess, mosquitto_binary
+from fedmq.tools.local_broker import MosquittoProcess, resolve_kind
 from fedmq.tools.local_cluster import Cluster, Observer, free_port
 
 log = logging.getLogger("fedmq.fleet")
@@ -140,7 +140,7 @@ def run_fleet(s: FleetSettings, workdir: Path, on_round=None) -> FleetReport:
             "faults": cfgmod.FaultSettings(oracle_dir=oracle_dir if s.verify else None,
                                            test_plaintext_dumps=s.verify)}
     cluster.write_configs(min_agents=max(2, s.agents // 2))
-    kind = s.broker if s.broker != "auto" else ("mosquitto" if mosquitto_binary() else "embedded")
+    kind = resolve_kind(s.broker)
     mosquitto = MosquittoProcess(workdir / "mosquitto", port, persistence=False) if kind == "mosquitto" else None
     observer, sampler = None, None
     t0 = time.monotonic()
