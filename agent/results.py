@@ -130,7 +130,8 @@ class Results:
         only = req.chunks() or None
         try:
             sent, chunks = self.session.send_stream(
-                lambda seq: topics.update_chunk(self.task, env.round, self.id, seq), None, task=self.task,
+                self._update_topics(env.round, env.sender if env.sender in self._keys.policy.worker_keys else None),
+                None, task=self.task,
                 rnd=env.round, chunk_size=chunk_size, encoded=encoded, only=only, abort=self._stop)
         except BrokerError as exc:
             log.warning("%s: resending round %d interrupted (%s); still kept", self.id, env.round, exc)

@@ -14,7 +14,7 @@ import psutil
 
 from agent.enrollment import EnrollmentRefused, StartRefused
 from fedmq.privacy import client_dp, he, masking, protection
-from fedmq.protocol import topics, wire
+from fedmq.protocol import shards, topics, wire
 from fedmq.runtime.mqtt_session import BrokerError
 from fedmq.runtime.telemetry import PhaseClock
 
@@ -59,6 +59,11 @@ class RoundWork:
         if start.quorum < pol.min_agents or len(start.selected) < pol.min_agents:
             raise wire.WireError(f"round {rnd} selects {len(start.selected)} agent(s) with quorum {start.quorum}; "
                                  f"the task's policy needs at least {pol.min_agents}: refused")
+        unknown = sorted({s.worker for s in start.shards} - pol.worker_keys.keys())
+        if unknown:
+            raise wire.WireError(f"round {rnd} names shard worker(s) {unknown[:5]} that the task's sealed policy "
+                                 "does not list: refused (our update would go to a reader nobody vouched for)")
+        shards.members(start.selected, start.shards)  # ShardError (a ValueError) unless they cover the selection
 
     def _handle_start(self, rnd: int, start: wire.RoundStart) -> None:
         if rnd in self.handled_rounds or rnd <= self.latest_version:
@@ -275,7 +280,7 @@ class RoundWork:
         with clock.phase("upload"):
             try:
                 sent, _ = self.session.send_stream(
-                    lambda seq: topics.update_chunk(self.task, rnd, self.id, seq), None, task=self.task, rnd=rnd,
+                    self._update_topics(rnd, self._shard_worker(rnd)), None, task=self.task, rnd=rnd,
                     chunk_size=self.cfg.chunk_size, delay_s=self.cfg.faults.chunk_delay_s, encoded=encoded,
                     abort=self._stop)
             except BrokerError as exc:
@@ -286,6 +291,17 @@ class RoundWork:
         log.info("%s: round %d update sent: %d samples, %d/%d values encrypted in %d ciphertexts, %d bytes",
                  self.id, rnd, update.num_samples, update.n_encrypted, update.n_params,
                  len(update.ciphertexts), sent)
+
+    def _shard_worker(self, rnd: int) -> str | None:
+        start = self.seen_starts.get(rnd)
+        return None if start is None else shards.worker_of(self.id, start.selected, start.shards)
+
+    def _update_topics(self, rnd: int, worker: str | None):
+        """Where this round's upload goes: the aggregator's topic, or in a sharded round
+        the topic of the worker folding our shard (only it may read there)."""
+        if worker is None:
+            return lambda seq: topics.update_chunk(self.task, rnd, self.id, seq)
+        return lambda seq: topics.shard_update_chunk(self.task, worker, rnd, self.id, seq)
 
     def _dump_oracle(self, name: str, **arrays) -> None:
         """Test-only: what we protected, in the clear, for checking encrypted aggregates exactly."""

@@ -242,7 +242,11 @@ class Agent(Enrollment, RoundWork, Results):
             env = wire.decode_envelope(msg.payload, max_bytes=MAX_MESSAGE_BYTES)
             wire.check_against_topic(env, info, task=self.task)
             if info.family in FROM_AGGREGATOR:
-                wire.check_signature(env, self._keys.policy.aggregator_key, "the aggregator")
+                pol = self._keys.policy
+                if info.family == "resend" and env.sender in pol.worker_keys:  # a shard worker asks for our upload
+                    wire.check_signature(env, pol.worker_keys[env.sender], f"shard worker {env.sender}")
+                else:
+                    wire.check_signature(env, pol.aggregator_key, "the aggregator")
             if info.family == "key":
                 if info.agent != self.id:
                     raise wire.WireError("key message for another agent")

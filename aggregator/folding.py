@@ -41,6 +41,9 @@ class Folding:
         updates agree on one layout, completed updates are held (their chunks stay
         on disk, so a restart finds them again); the agreeing ones are then folded
         and the others rejected."""
+        if done.kind == "partial":
+            self._fold_partial(done)
+            return
         st, env = self.state, done.envelope
         limit = self.cfg.max_update_bytes
         if not self.sum.quantized:  # CKKS: validated without its ciphertexts; folded straight off disk later
@@ -105,21 +108,26 @@ class Folding:
                     else RoundSum(quantized=self.sum.quantized, ckks=self.ctx, bfv=self.bfv_ctx)
             raise
         st.record(env.sender, update.num_samples, time.time())
-        self._agreed_key = _layout_key(update)
+        self._adopt(_layout_key(update))
         self.store.fold(st, {"agreed": layout_to_json(self._agreed_key)}, self.sum.meta_bytes(),
                         self.sum.serialized_ciphertexts())
         self.agg_s += time.perf_counter() - t0
-        self.n_params = update.n_params
-        if self.fingerprint is None and update.fingerprint is not None:
-            self.fingerprint = update.fingerprint
-            log.info("task model fixed by a quorum of verified updates: fingerprint %s", update.fingerprint.hex()[:16])
-        if st.purpose == "train" and self.mask_digest is None and update.mask_digest is not None:
-            self.mask_digest = update.mask_digest
-            log.info("task mask fixed by a quorum of verified updates: digest %s", update.mask_digest.hex()[:16])
         self.bytes_received += nbytes
         self.metrics.updates.inc()
         log.info("round %d: folded %s's update (%d samples, %d bytes); %d/%d reported",
                  st.round, env.sender, update.num_samples, nbytes, len(st.weights), len(st.selected))
+
+    def _adopt(self, key: tuple) -> None:
+        """What a quorum of verified updates (or a shard's partial sum) fixed: the
+        round's layout, and the task's model and mask once and for all."""
+        n_params, _, mask_digest, _, _, fingerprint = key
+        self._agreed_key, self.n_params = key, n_params
+        if self.fingerprint is None and fingerprint is not None:
+            self.fingerprint = fingerprint
+            log.info("task model fixed by a quorum of verified updates: fingerprint %s", fingerprint.hex()[:16])
+        if self.state.purpose == "train" and self.mask_digest is None and mask_digest is not None:
+            self.mask_digest = mask_digest
+            log.info("task mask fixed by a quorum of verified updates: digest %s", mask_digest.hex()[:16])
 
     def _check_layout(self, st: RoundState, update: wire.Update) -> np.ndarray:
         """Reject an update whose packing or mask does not fit the task; returns its plaintext part."""

@@ -72,16 +72,22 @@ class Intake:
                 return  # a retained message being cleared
             env = wire.decode_envelope(msg.payload, max_bytes=self.cfg.max_message_bytes)
             wire.check_against_topic(env, info, task=self.task)
-            handler = {"update": self._on_update_chunk, "status": self._on_status,
-                       "public_context": self._on_public_context, "telemetry": self._on_telemetry,
-                       "mask_correction": self._on_mask_correction}.get(info.family)
+            handler = self._handlers().get(info.family)
             if handler is None:
-                raise wire.WireError(f"aggregator does not consume {info.family} messages")
+                raise wire.WireError(f"{self.cfg.aggregator_id} does not consume {info.family} messages")
             self._inbound_bytes = len(msg.payload)
-            handler(env)
+            handler(env, info) if info.family == "update" else handler(env)
         except (ValueError, Rejected, he.HEError) as exc:  # WireError is a ValueError
             self.metrics.rejected.inc()
             log.warning("rejected %s: %s", msg.topic, exc)
+
+    def _handlers(self) -> dict:
+        """Topic family -> handler; a shard worker and the root of a sharded round add theirs."""
+        out = {"update": self._on_update_chunk, "status": self._on_status, "public_context": self._on_public_context,
+               "telemetry": self._on_telemetry, "mask_correction": self._on_mask_correction}
+        if self.cfg.shard_workers:
+            out["partial"] = self._on_partial_chunk
+        return out
 
     def _on_telemetry(self, env: wire.Envelope) -> None:
         """Recorded only for an open or recent round, once per agent and round, with
@@ -135,7 +141,7 @@ class Intake:
                 st = self.state
                 in_progress = self.chunks.missing("update", st.round, env.sender) is not None
                 if (back or in_progress) and not st.closed and env.sender in st.selected \
-                        and env.sender not in st.weights:
+                        and env.sender not in st.weights and not self.cfg.shard_workers:
                     # It reconnected (or restarted: then no last will reached us) mid-round: resume its upload.
                     self._ask_for_missing(env.sender)
         else:
@@ -146,8 +152,13 @@ class Intake:
         self.metrics.agents_online.set(len(self.online))
         log.info("agent %s is %s (%d online)", env.sender, body.state, len(self.online))
 
-    def _on_update_chunk(self, env: wire.Envelope) -> None:
+    def _on_update_chunk(self, env: wire.Envelope, info: topics.TopicInfo | None = None) -> None:
         st = self.state
+        if self.cfg.shard_workers:
+            raise Rejected("this aggregator's rounds are sharded: updates go to the shard workers")
+        if (info.shard if info else None) != self._own_shard:
+            raise Rejected(f"update addressed to {info.shard or 'the unsharded topic'}; this is "
+                           f"{self._own_shard or 'an unsharded aggregator'}")
         if st is None or env.round != st.round:
             raise Rejected(f"chunk for round {env.round}, which is not open")
         st.check(env.sender, time.time())

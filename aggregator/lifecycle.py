@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from fedmq.privacy import client_dp, he, masking
-from fedmq.protocol import topics, wire
+from fedmq.protocol import shards, topics, wire
 from fedmq.privacy.aggregation import RoundSum
 
 from aggregator.intake import RECENT_ROUNDS
@@ -79,21 +79,25 @@ class RoundLifecycle:
         selected = self._select(sorted(self.online), cap, rnd)
         quorum = min(self.cfg.min_agents, len(selected))
         deadline = time.time() + self.cfg.round_timeout_s
+        plan = shards.assign(selected, self.cfg.shard_workers)
+        # Sharded: the agents' deadline is the workers'; the root waits a grace longer for their partial sums.
+        grace = self.cfg.partial_grace_s if plan else 0.0
         self._round_opened = time.monotonic()
-        self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline, purpose=purpose,
-                                offline_grace_s=self.cfg.offline_grace_s)
-        self.bytes_received, self.agg_s = 0, 0.0
+        self.state = RoundState(rnd, self.model_version, frozenset(selected), quorum, deadline + grace,
+                                purpose=purpose, offline_grace_s=self.cfg.offline_grace_s)
+        self.bytes_received, self.agg_s, self._worker_agg_s, self._partials_done = 0, 0.0, 0.0, set()
         self._held, self._agreed_key = {}, None  # the round's layout: agreed by a quorum of its updates
         self.sum = RoundSum(quantized=self.protection.scheme != "ckks" and purpose == "train",
                             ckks=self.ctx, bfv=self.bfv_ctx)
         start = wire.RoundStart(model_version=self.model_version, deadline=deadline, selected=selected,
                                 quorum=quorum, purpose=purpose, protection=self.protection,
                                 mask_round=self.mask_round, mask_digest=self.mask_digest,
-                                fingerprint=self.fingerprint)
+                                fingerprint=self.fingerprint, shards=plan)
         self.store.open(self.state)
         self.session.send(topics.round_start(self.task, rnd), start, task=self.task, rnd=rnd, retain=True)
-        log.info("round %d (%s) open: %d agents selected, quorum %d, deadline in %.0fs, p=%s",
-                 rnd, purpose, len(selected), quorum, self.cfg.round_timeout_s, self.protection.p)
+        log.info("round %d (%s) open: %d agents selected, quorum %d, deadline in %.0fs, p=%s%s",
+                 rnd, purpose, len(selected), quorum, self.cfg.round_timeout_s, self.protection.p,
+                 f", {len(plan)} shards" if plan else "")
 
     def _dp_budget_left(self) -> bool:
         """Differential privacy: open no training round that would overspend the budget."""
@@ -148,7 +152,7 @@ class RoundLifecycle:
                     self._account_dp(st.round)
         closed = wire.RoundClosed(status=decision.outcome.value, participants=participants, dropped=st.dropped,
                                   reason=decision.reason, total_weight=min(st.total_weight, 1 << 62),
-                                  bytes_received=self.bytes_received, agg_s=self.agg_s)
+                                  bytes_received=self.bytes_received, agg_s=self.agg_s + self._worker_agg_s)
         self.session.send(topics.round_closed(self.task, st.round), closed, task=self.task, rnd=st.round,
                           retain=True)
         self._retained[st.round] = chunks

@@ -77,18 +77,19 @@ class RoundStore:
         for (raw,) in self.db.execute("SELECT envelope FROM chunks ORDER BY sender, digest, seq"):
             yield decode_envelope(raw, max_bytes=len(raw))
 
-    def fold(self, st: RoundState, layout: dict, meta: bytes, ciphertexts: Iterable[bytes]) -> None:
+    def fold(self, st: RoundState, layout: dict, meta: bytes, ciphertexts: Iterable[bytes],
+             senders: Iterable[str] = ()) -> None:
         """The sum after folding an update (its metadata, and its ciphertexts a row
-        each), the agent's recorded weight, and the deletion of its chunks: one
-        transaction."""
+        each), the agent's recorded weight, and the deletion of its chunks (and of
+        ``senders``' chunks: a shard worker's partial sum): one transaction."""
         with self._tx():
             self.db.execute("UPDATE open_round SET state = ?, layout = ?, sum = ? WHERE id = 1",
                             (_dump(st), json.dumps(layout), meta))
             self.db.execute("DELETE FROM sum_ciphertexts")
             for i, blob in enumerate(ciphertexts):
                 self.db.execute("INSERT INTO sum_ciphertexts VALUES (?, ?)", (i, blob))
-            for agent in st.weights:
-                self.db.execute("DELETE FROM chunks WHERE sender = ?", (agent,))
+            for sender in [*st.weights, *senders]:
+                self.db.execute("DELETE FROM chunks WHERE sender = ?", (sender,))
 
     def update_state(self, st: RoundState) -> None:
         with self._tx():

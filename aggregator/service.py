@@ -29,6 +29,7 @@ from aggregator.folding import Folding, layout_from_json
 from aggregator.intake import Intake
 from aggregator.lifecycle import RoundLifecycle
 from aggregator.metrics import Metrics
+from aggregator.partial_sums import PartialSums
 from aggregator.round_store import RoundStore, StoredParts
 from aggregator.unmasking import Unmasking
 
@@ -41,9 +42,11 @@ class StartError(RuntimeError):
     """A deployment the aggregator cannot run in; the text says what to change."""
 
 
-class Aggregator(Intake, Folding, Unmasking, RoundLifecycle):
+class Aggregator(Intake, Folding, PartialSums, Unmasking, RoundLifecycle):
     """The daemon: state, persistence, restore after a restart and the main loop;
     intake, folding and the round lifecycle live in their own modules."""
+
+    _own_shard: str | None = None  # a shard worker's id: the update topics it folds
 
     def __init__(self, cfg: AggregatorConfig, config_path: Path | None = None) -> None:
         self.cfg = cfg
@@ -79,6 +82,8 @@ class Aggregator(Intake, Folding, Unmasking, RoundLifecycle):
         self.fingerprint: bytes | None = None  # the task's model, once a quorum of updates agreed on it
         self.bytes_received = 0
         self.agg_s = 0.0
+        self._worker_agg_s = 0.0  # sharded rounds: the slowest shard's fold time
+        self._partials_done: set[str] = set()  # sharded rounds: workers whose partial sum is combined
         self.n_params: int | None = None
         self.model_version = 0
         self.next_round = 1
@@ -126,13 +131,21 @@ class Aggregator(Intake, Folding, Unmasking, RoundLifecycle):
         """Follow the key authority's signed policy; a config that contradicts it is
         a deployment error, not something to guess around (StartError)."""
         where = f" ({self.config_path})" if self.config_path else ""
-        if policy.aggregator_key != signing.public_bytes(self.signing_key):
+        ours = signing.public_bytes(self.signing_key)
+        if self._own_shard is not None and policy.worker_keys.get(self._own_shard) != ours:
+            raise StartError(f"the key authority's policy does not name shard worker {self._own_shard} with our key"
+                             f"{where}: set its worker_keys.{self._own_shard} to {ours.hex()}")
+        if self._own_shard is None and policy.aggregator_key != ours:
             raise StartError(f"the key authority's policy names another aggregator key than ours{where}: set its "
-                             f"aggregator_key to {signing.public_bytes(self.signing_key).hex()}")
+                             f"aggregator_key to {ours.hex()}")
+        unknown = sorted(set(self.cfg.shard_workers) - policy.worker_keys.keys())
+        if unknown:
+            raise StartError(f"shard_workers{where} names {unknown} that the key authority's policy does not list "
+                             "(worker_keys): agents would refuse every round")
         if self.cfg.protection is not None and self.cfg.protection != policy.protection:
             raise StartError(f"protection{where} differs from the key authority's policy ({policy.protection}); "
                              "remove it from the aggregator config or make the two agree")
-        if self.cfg.min_agents < policy.min_agents:
+        if self.cfg.min_agents < policy.min_agents and self._own_shard is None:
             raise StartError(f"min_agents{where} is {self.cfg.min_agents}, below the policy's {policy.min_agents}: "
                              "agents would refuse every round")
         self.policy, self.protection, self.max_samples = policy, policy.protection, policy.max_samples
@@ -151,30 +164,13 @@ class Aggregator(Intake, Folding, Unmasking, RoundLifecycle):
     # ------------------------------------------------------------------ main loop
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
-        s = self.session
         if self.cfg.rounds and self.rounds_done >= self.cfg.rounds:
             log.warning("task %s already ran its %d training round(s) (state in %s); nothing to do. To go on, raise "
                         "`rounds` in the config; to start over, give the task a new name (agents keep their model "
                         "versions, so a fresh aggregator on the old task would wait for nothing)", self.task,
                         self.rounds_done, self.cfg.state_dir)
             return
-        try:
-            self.authority_key = signing.configured_public(
-                self.cfg.authority_key, "authority_key", self.config_path,
-                "the aggregator takes the public context and policy only with the key authority's signature",
-                "keyauthority")
-        except ValueError as exc:
-            raise StartError(str(exc)) from None
-        for filt in (topics.ALL_STATUS, topics.all_updates(self.task), topics.ALL_TELEMETRY,
-                     topics.all_mask_corrections(self.task)):
-            s.subscribe(filt)
-        # The public context's chunks one exact topic each, not by wildcard: RabbitMQ's
-        # MQTT plugin delivers retained messages to exact-topic subscriptions only.
-        for seq in range(MAX_CONTEXT_CHUNKS):
-            s.subscribe(topics.public_context(self.task, seq))
-        s.connect()
-        log.info("waiting for the public context of task %s", self.task)
-        self._pump(stop, until=lambda: self.ctx is not None, park_updates=True)
+        self._connect_and_load(stop)
         resumed = self._resume()
         self._roll_call()
         while not stop.is_set() and (self.cfg.rounds == 0 or self.rounds_done < self.cfg.rounds):
@@ -212,6 +208,29 @@ class Aggregator(Intake, Folding, Unmasking, RoundLifecycle):
         log.info("aggregator done after %d training round(s)", self.rounds_done)
 
 
+    def _subscriptions(self) -> list[str]:
+        inbound = topics.all_partials(self.task) if self.cfg.shard_workers else topics.all_updates(self.task)
+        return [topics.ALL_STATUS, inbound, topics.ALL_TELEMETRY, topics.all_mask_corrections(self.task)]
+
+    def _connect_and_load(self, stop: threading.Event) -> None:
+        """Connect, subscribe, and wait for the key authority's signed public context."""
+        try:
+            self.authority_key = signing.configured_public(
+                self.cfg.authority_key, "authority_key", self.config_path,
+                "the aggregator takes the public context and policy only with the key authority's signature",
+                "keyauthority")
+        except ValueError as exc:
+            raise StartError(str(exc)) from None
+        for filt in self._subscriptions():
+            self.session.subscribe(filt)
+        # The public context's chunks one exact topic each, not by wildcard: RabbitMQ's
+        # MQTT plugin delivers retained messages to exact-topic subscriptions only.
+        for seq in range(MAX_CONTEXT_CHUNKS):
+            self.session.subscribe(topics.public_context(self.task, seq))
+        self.session.connect()
+        log.info("waiting for the public context of task %s", self.task)
+        self._pump(stop, until=lambda: self.ctx is not None, park_updates=True)
+
     def _resume(self) -> bool:
         """Pick up the round that was open when this process died (``kill -9``): its
         state, its running sum, and the chunks of unfinished uploads. Agents that had
@@ -228,7 +247,8 @@ class Aggregator(Intake, Folding, Unmasking, RoundLifecycle):
         quantized = self.protection.scheme != "ckks" and st.purpose == "train"
         self.sum = self._stored_sum(blob) if blob else \
             RoundSum(quantized=quantized, ckks=self.ctx, bfv=self.bfv_ctx)
-        self.bytes_received, self.agg_s = 0, 0.0
+        self.bytes_received, self.agg_s, self._worker_agg_s = 0, 0.0, 0.0
+        self._partials_done = set(layout.get("partials", []))
         restored = 0
         complete: list[Completed] = []
         for env in self.store.chunk_envelopes():
@@ -249,8 +269,9 @@ class Aggregator(Intake, Folding, Unmasking, RoundLifecycle):
                 log.warning("rejected %s's restored round-%d update: %s", sender, rnd, exc)
         log.info("resumed round %d after a restart: %d update(s) already folded %s, %d chunk(s) of unfinished "
                  "uploads restored", st.round, len(st.weights), sorted(st.weights), restored)
-        for agent in sorted(st.selected - st.weights.keys()):
-            self._ask_for_missing(agent)
+        if not self.cfg.shard_workers:  # the root of a sharded round has no uploads to ask for
+            for agent in sorted(st.selected - st.weights.keys()):
+                self._ask_for_missing(agent)
         return True
 
 
@@ -258,9 +279,10 @@ def _protection_key(prot: wire.Protection) -> list:
     return [prot.scheme, prot.p, prot.mode, prot.include_first_last, prot.seed, prot.plain_dtype]
 
 
-def run(cfg: AggregatorConfig, config_path: Path | None = None) -> int:
+def run(cfg: AggregatorConfig, config_path: Path | None = None, role: type[Aggregator] = Aggregator) -> int:
+    """Run ``role`` (the aggregator, or aggregator.shard_worker.ShardWorker) until stopped."""
     stop = stop_event()
-    agg = Aggregator(cfg, config_path)
+    agg = role(cfg, config_path)
     try:
         agg.run(stop)
     except StartError as exc:

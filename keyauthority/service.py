@@ -45,6 +45,10 @@ class KeyAuthority:
             aggregator_key = signing.configured_public(
                 cfg.aggregator_key, "aggregator_key", config_path,
                 "the policy names the aggregator whose signature agents accept", "aggregator")
+            worker_keys = {worker: signing.configured_public(
+                ref, f"worker_keys.{worker}", config_path,
+                "the policy names each shard worker whose signature agents and the root accept", "aggregator")
+                for worker, ref in cfg.worker_keys.items()}
         except ValueError as exc:
             raise StartError(str(exc)) from None
         self.signing_key = signing.load_or_create(cfg.signing_key or state / "signing.key")
@@ -52,7 +56,8 @@ class KeyAuthority:
         self.bfv = self._load_or_create_bfv(state)
         self.plan = self._plan()
         self.policy = wire.Policy(protection=self._protection(), min_agents=cfg.policy.min_agents,
-                                  max_samples=cfg.policy.max_samples, aggregator_key=aggregator_key)
+                                  max_samples=cfg.policy.max_samples, aggregator_key=aggregator_key,
+                                  worker_keys=worker_keys)
         self._ckks_secret, self._bfv_secret = he.serialize_secret(self.ctx), he.serialize_secret(self.bfv)
         # Secure masking: every agent's X25519 mask key derives from one master secret,
         # so recovery can recompute any seed; the roster is every enrollable agent's.

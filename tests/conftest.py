@@ -20,10 +20,12 @@ def running_cluster(tmp_path: Path, *, n_agents: int, rounds: int, port: int | N
                     min_agents: int = 2, watch: str | None = None, round_timeout_s: float = 60.0,
                     slow_agents: dict[str, float] | None = None, target_agents: int | None = None,
                     protection: wire.Protection | None = None, quantization=None,
-                    aggregator_overrides: dict | None = None, dp: cfgmod.DpSettings | None = None):
+                    aggregator_overrides: dict | None = None, dp: cfgmod.DpSettings | None = None,
+                    shard_workers: int = 0):
     cluster = Cluster(workdir=tmp_path, port=port or free_port(), n_agents=n_agents, rounds=rounds,
                       chunk_size=chunk_size, round_timeout_s=round_timeout_s, target_agents=target_agents,
-                      protection=protection or wire.Protection(), quantization=quantization, dp=dp)
+                      protection=protection or wire.Protection(), quantization=quantization, dp=dp,
+                      shard_workers=shard_workers)
     cluster.aggregator_overrides.update(aggregator_overrides or {})
     oracle = tmp_path / "oracle"
     for a in cluster.agent_ids:

@@ -101,6 +101,32 @@ class RoundSum:
             raise
         self.acc = acc
 
+    def merge(self, other: RoundSum) -> None:
+        """Add another sum of the same round (a shard worker's partial sum): ciphertexts
+        added homomorphically, float parts, masked rings and integer codes added as
+        they are — the combined sum is exactly the sum of every update in either.
+        Raises ValueError for sums of different layouts."""
+        if other.quantized != self.quantized:
+            raise ValueError("a quantized and a float sum cannot be combined")
+        if other.n_params is None:
+            return  # an empty shard
+        if self.n_params is not None and (self.n_params, self.n_encrypted, self.n_ciphertexts) != (
+                other.n_params, other.n_encrypted, other.n_ciphertexts):
+            raise ValueError(f"sums of {other.n_params} params ({other.n_encrypted} encrypted) and "
+                             f"{self.n_params} ({self.n_encrypted}) cannot be combined")
+        if other.acc:
+            self.acc = list(other.acc) if self.acc is None else he.add_into(self.acc, other.acc)
+        for name in ("plain", "ring"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is not None:
+                setattr(self, name, theirs.copy() if mine is None else mine + theirs)
+        if other.codes is not None:
+            if self.codes is not None and [len(c) for c in self.codes] != [len(c) for c in other.codes]:
+                raise ValueError("code segments differ between the sums")
+            self.codes = list(other.codes) if self.codes is None else [a + b for a, b in zip(self.codes, other.codes)]
+            self.code_widths = list(other.code_widths)
+        self.n_params, self.n_encrypted, self.n_ciphertexts = other.n_params, other.n_encrypted, other.n_ciphertexts
+
     def unmask(self, lanes: list[secure_aggregation.Lane], correction: list[np.ndarray], frac_bits: int) -> None:
         """Take the survivors' masks off the masked lanes (the ring32 plain part, or
         the code segments): what remains is their plain sum."""

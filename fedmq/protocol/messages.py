@@ -62,6 +62,15 @@ class Protection:
 
 
 @message(config=STRICT)
+class ShardRange:
+    """One shard of a sharded round: the next ``count`` agents of the round's sorted
+    selection, folded by ``worker`` (fedmq/protocol/shards.py)."""
+
+    worker: Id
+    count: PosInt
+
+
+@message(config=STRICT)
 class RoundStart:
     """Announces a round; retained so that an agent that (re)connects late sees it.
 
@@ -81,6 +90,8 @@ class RoundStart:
     # The task's model: digest of its layout (names, shapes, dtypes) then of its initial
     # weights, 16 bytes each; None until a quorum of updates agreed on it.
     fingerprint: Digest | None = None
+    # Sharded aggregation: which worker folds which agents' updates (empty: the aggregator itself).
+    shards: list_of(ShardRange, max_length=1024) = dataclasses.field(default_factory=list)
 
 
 @message(config=STRICT)
@@ -140,6 +151,24 @@ class Result:
     code_sums: list_of(Bytes, max_length=100_000) = dataclasses.field(default_factory=list)
     code_sum_widths: list_of(Annotated[int, Strict(), Field(ge=2, le=8)], max_length=100_000) = \
         dataclasses.field(default_factory=list)
+
+
+@message(config=STRICT)
+class PartialSum:
+    """A shard worker's sum of its shard's verified updates, for the root aggregator
+    to combine. Still encrypted (and, under secure masking, still masked): the worker
+    reads no more of an update than the aggregator would. ``sum_meta`` is the running
+    sum's own encoding (aggregation.RoundSum.meta_bytes); ``layout`` the layout its
+    updates agreed on (folding.layout_to_json), so the root can check shards agree."""
+
+    participants: list_of(Id, max_length=100_000)
+    weights: list_of(PosInt, max_length=100_000)
+    dropped: list_of(Id, max_length=100_000)
+    layout: Str
+    sum_meta: Bytes
+    ciphertexts: list_of(Bytes)
+    bytes_received: NonNegInt
+    agg_s: FiniteFloat
 
 
 ChunkIndex = Annotated[int, Strict(), Field(ge=0, le=MAX_CHUNKS)]
@@ -231,6 +260,9 @@ class Policy:
     min_agents: PosInt  # no round with fewer selected agents or a smaller quorum
     max_samples: PosInt  # an update declaring more samples is rejected by the aggregator
     aggregator_key: fixed_bytes(32)  # Ed25519: the aggregator's signature on starts, results, resends
+    # Sharded aggregation: each shard worker's Ed25519 key (its resend requests and partial sums).
+    worker_keys: Annotated[dict[Id, fixed_bytes(32)], Strict(), Field(max_length=1024)] = \
+        dataclasses.field(default_factory=dict)
 
 
 @message(config=STRICT)
@@ -318,6 +350,7 @@ BODY_TYPES: dict[str, type] = {
     "round_start": RoundStart,
     "round_closed": RoundClosed,
     "update": Update,
+    "partial": PartialSum,
     "result": Result,
     "enroll": EnrollRequest,
     "key_grant": KeyGrant,
@@ -338,6 +371,7 @@ FAMILY_KINDS: dict[str, set[str]] = {
     "round_closed": {"round_closed"},
     "result": {"result"},
     "update": {"update"},
+    "partial": {"partial"},
     "enroll": {"enroll"},
     "key": {"key_grant", "key_refused"},
     "public_context": {"public_context"},

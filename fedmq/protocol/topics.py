@@ -44,6 +44,16 @@ def update_chunk(task: str, rnd: int, agent: str, seq: int) -> str:
     return f"updates/{task}/{rnd}/{agent}/{seq}"
 
 
+def shard_update_chunk(task: str, worker: str, rnd: int, agent: str, seq: int) -> str:
+    """An agent's upload in a sharded round: under its shard worker's prefix, so the
+    broker's ACL lets each worker read its own shard and nothing else."""
+    return f"shards/{task}/{worker}/{rnd}/{agent}/{seq}"
+
+
+def partial_chunk(task: str, rnd: int, worker: str, seq: int) -> str:
+    return f"partials/{task}/{rnd}/{worker}/{seq}"
+
+
 def enroll(task: str, agent: str) -> str:
     return f"enroll/{task}/{agent}"
 
@@ -93,6 +103,14 @@ def all_updates(task: str) -> str:
     return f"updates/{task}/+/+/+"
 
 
+def shard_updates(task: str, worker: str) -> str:
+    return f"shards/{task}/{worker}/+/+/+"
+
+
+def all_partials(task: str) -> str:
+    return f"partials/{task}/+/+/+"
+
+
 def all_enrollments(task: str) -> str:
     return f"enroll/{task}/+"
 
@@ -126,6 +144,7 @@ class TopicInfo:
     round: int | None = None
     agent: str | None = None
     seq: int | None = None
+    shard: str | None = None  # the shard worker an update is addressed to (sharded rounds)
 
 
 def parse(topic: str) -> TopicInfo:
@@ -145,6 +164,10 @@ def parse(topic: str) -> TopicInfo:
                 return TopicInfo("result", task, int(rnd), seq=int(seq))
             case ["updates", task, rnd, agent, seq]:
                 return TopicInfo("update", task, int(rnd), agent, int(seq))
+            case ["shards", task, worker, rnd, agent, seq]:
+                return TopicInfo("update", task, int(rnd), agent, int(seq), shard=worker)
+            case ["partials", task, rnd, worker, seq]:
+                return TopicInfo("partial", task, int(rnd), worker, int(seq))
             case ["enroll", task, agent]:
                 return TopicInfo("enroll", task, agent=agent)
             case ["keys", task, "agents", agent, seq]:

@@ -29,8 +29,8 @@ from fedmq.protocol.fields import (MAX_CHUNKS, STRICT, Bytes, Digest, FiniteFloa
                                    message)
 from fedmq.protocol.messages import (BODY_TYPES, FAMILY_KINDS, KIND_OF, AgentStatus,  # noqa: F401
                                      DifferentialPrivacy, EnrollRequest, KeyGrant, KeyRefused, MaskCorrection,
-                                     MaskRefused, MaskRequest, PhaseCost, Policy, Protection, PublicContext,
-                                     ResendRequest, Result, RollCall, RoundClosed, RoundStart, SealedKeys, Telemetry,
+                                     MaskRefused, MaskRequest, PartialSum, PhaseCost, Policy, Protection,
+                                     PublicContext, ResendRequest, ShardRange, Result, RollCall, RoundClosed, RoundStart, SealedKeys, Telemetry,
                                      Update)
 from fedmq.protocol.topics import TopicInfo
 
@@ -126,7 +126,7 @@ def check_against_topic(env: Envelope, info: TopicInfo, *, task: str) -> None:
         raise WireError(f"task {env.task!r} does not match topic task {info.task!r}")
     if info.round is not None and info.round != env.round:
         raise WireError(f"round {env.round} does not match topic round {info.round}")
-    if info.agent is not None and info.family in {"update", "enroll", "status", "telemetry"}:
+    if info.agent is not None and info.family in {"update", "partial", "enroll", "status", "telemetry"}:
         if info.agent != env.sender:
             raise WireError(f"sender {env.sender!r} publishes on {info.agent!r}'s topic")
     if info.seq is not None and info.seq != env.seq:

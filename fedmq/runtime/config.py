@@ -244,6 +244,21 @@ class AggregatorConfig(_Section):
     # Update chunks parked on disk while a restarted aggregator waits for the public context.
     max_parked_bytes: Annotated[int, Field(ge=1 * KiB)] = 256 * 1024 * KiB
     max_update_bytes: Annotated[int, Field(ge=1 * KiB)] = 2 * 1024 * 1024 * KiB
+    # Sharded aggregation (aggregator/shard_worker.py). On the root: the workers that fold
+    # the round's agents, a shard each; the root combines their partial sums, waiting up
+    # to partial_grace_s past the agents' deadline. On a worker: shard_worker: true.
+    shard_workers: list[Id] = Field(default_factory=list, max_length=1024)
+    partial_grace_s: Annotated[float, Field(ge=0)] = 30.0
+    shard_worker: bool = False
+
+    @model_validator(mode="after")
+    def _one_shard_role(self) -> "AggregatorConfig":
+        if self.shard_worker and self.shard_workers:
+            raise ValueError("shard_worker: true (this process folds one shard) and shard_workers (this process is "
+                             "the root) exclude each other")
+        if len(set(self.shard_workers)) != len(self.shard_workers):
+            raise ValueError("shard_workers names a worker twice")
+        return self
 
 
 class KeyAuthorityConfig(_Section):
@@ -253,6 +268,8 @@ class KeyAuthorityConfig(_Section):
     state_dir: Path = Path("state/keyauthority")
     signing_key: Path | None = None  # Ed25519 key signing what it issues (default: state_dir/signing.key)
     aggregator_key: PublicKeyRef | None = None  # the aggregator's public key, sealed into the policy
+    # Sharded aggregation: each shard worker's public key (hex or file), sealed into the policy.
+    worker_keys: dict[Id, PublicKeyRef] = Field(default_factory=dict)
     policy: PolicySettings = PolicySettings()
     he: HeSettings = HeSettings()
     bfv: BfvSettings = BfvSettings()

@@ -89,11 +89,15 @@ def keyauthority(config: Path = typer.Option(..., "--config", help="Key authorit
 @app.command()
 def aggregator(config: Path = typer.Option(..., "--config", help="Aggregator YAML."),
                log_level: str = "INFO") -> None:
-    """Run the aggregator: rounds and homomorphic FedAvg."""
-    configure("aggregator", log_level)
-    from aggregator.service import run
+    """Run the aggregator: rounds and homomorphic FedAvg (or, with ``shard_worker: true``, one shard worker)."""
+    cfg = _load(cfgmod.AggregatorConfig, config)
+    configure(cfg.aggregator_id if cfg.shard_worker else "aggregator", log_level)
+    from aggregator.service import Aggregator, run
 
-    raise typer.Exit(run(_load(cfgmod.AggregatorConfig, config), config_path=config))
+    if cfg.shard_worker:
+        from aggregator.shard_worker import ShardWorker
+
+    raise typer.Exit(run(cfg, config_path=config, role=ShardWorker if cfg.shard_worker else Aggregator))
 
 
 @app.command()

@@ -28,6 +28,8 @@ from fedmq.runtime.private_files import ensure_private_dir, write_private
 
 log = logging.getLogger("fedmq.cluster")
 TASK = "digits"
+# Aggregator settings a shard worker shares with the root when a test overrides them.
+WORKER_SETTINGS = {"max_update_bytes", "max_message_bytes", "inbox_max_bytes", "offline_grace_s", "chunk_size"}
 
 
 def free_port() -> int:
@@ -72,9 +74,14 @@ class Cluster:
     quantization: cfgmod.QuantizationSettings | None = None  # the key authority's secret plan
     dp: cfgmod.DpSettings | None = None  # client-level differential privacy
     max_samples: int = 1_000_000  # the policy's bound on an update's weight (masked floats: their resolution)
+    shard_workers: int = 0  # sharded aggregation: this many workers fold the rounds' shards, the aggregator combines
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     agent_overrides: dict[str, dict] = field(default_factory=dict)
     aggregator_overrides: dict = field(default_factory=dict)
+
+    @property
+    def worker_ids(self) -> list[str]:
+        return [f"shard-{k + 1}" for k in range(self.shard_workers)]
 
     @property
     def agent_ids(self) -> list[str]:
@@ -92,17 +99,25 @@ class Cluster:
         authority_key = signing.public_bytes(signing.load_or_create(self.authority_key_file)).hex()
         aggregator_key = signing.public_bytes(
             signing.load_or_create(self.workdir / "state/aggregator/signing.key")).hex()
+        worker_keys = {w: signing.public_bytes(signing.load_or_create(self.workdir / f"state/{w}/signing.key")).hex()
+                       for w in self.worker_ids}
         self._write("keyauthority", cfgmod.KeyAuthorityConfig(
             task=TASK, broker=endpoint, state_dir=self.workdir / "state/keyauthority", credentials=creds,
-            quantization=self.quantization, aggregator_key=aggregator_key,
+            quantization=self.quantization, aggregator_key=aggregator_key, worker_keys=worker_keys,
             policy=cfgmod.PolicySettings(protection=self.protection, min_agents=min_agents, dp=self.dp,
                                          max_samples=self.max_samples)))
         self._write("aggregator", cfgmod.AggregatorConfig(**{
             **dict(task=TASK, broker=endpoint, state_dir=self.workdir / "state/aggregator", rounds=self.rounds,
                    min_agents=min_agents, target_agents=self.target_agents or self.n_agents,
                    selection_grace_s=self.selection_grace_s, round_timeout_s=self.round_timeout_s,
-                   offline_grace_s=self.offline_grace_s, chunk_size=self.chunk_size, authority_key=authority_key),
+                   offline_grace_s=self.offline_grace_s, chunk_size=self.chunk_size, authority_key=authority_key,
+                   shard_workers=self.worker_ids),
             **self.aggregator_overrides}))  # an override wins over the cluster's default
+        for w in self.worker_ids:
+            self._write(w, cfgmod.AggregatorConfig(
+                aggregator_id=w, shard_worker=True, task=TASK, broker=endpoint, state_dir=self.workdir / f"state/{w}",
+                offline_grace_s=self.offline_grace_s, chunk_size=self.chunk_size, authority_key=authority_key,
+                **{k: v for k, v in self.aggregator_overrides.items() if k in WORKER_SETTINGS}))
         for i, a in enumerate(self.agent_ids):
             raw = dict(agent_id=a, credential=creds[a], task=TASK, broker=endpoint, authority_key=authority_key,
                        state_dir=self.workdir / f"state/{a}", chunk_size=self.chunk_size,
@@ -139,7 +154,7 @@ class Cluster:
         wait_for_port(self.port)
 
     def start_role(self, name: str, env: dict | None = None) -> subprocess.Popen:
-        role = "agent" if name.startswith("agent-") else name
+        role = "agent" if name.startswith("agent-") else "aggregator" if name in self.worker_ids else name
         return self.start(name, role, "--config", str(self.config_path(name)), env=env)
 
     def start_all(self, embedded_broker: bool = True) -> None:
@@ -147,6 +162,8 @@ class Cluster:
             self.start_broker()
         self.start_role("keyauthority")
         self.start_role("aggregator")
+        for w in self.worker_ids:
+            self.start_role(w)
         for a in self.agent_ids:
             self.start_role(a)
 
