@@ -15,6 +15,8 @@ Writes, into one directory:
 - with ``--rabbitmq``: ``rabbitmq/definitions.json`` and ``rabbitmq/rabbitmq.conf``,
   the same users and topic discipline for RabbitMQ's MQTT plugin
   (``rabbitmq_permissions.py``);
+- with ``shard_workers``: a user, ACL section, signing key and ``shard-K.yaml`` per shard
+  worker (it reads only ``shards/<task>/shard-K/#``; the aggregator reads partial sums);
 - ``keyauthority.yaml``, ``aggregator.yaml``, ``agent-N.yaml`` — with their broker
   credentials and the agents' enrollment credentials, mode 0600.
 """
@@ -46,13 +48,15 @@ def mosquitto_hash(password: str, salt: bytes | None = None, iterations: int = P
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def acl_text(task: str, aggregator: str = "aggregator", authority: str = "keyauthority") -> str:
+def acl_text(task: str, aggregator: str = "aggregator", authority: str = "keyauthority",
+             workers: list[str] | None = None) -> str:
     """Patterns (%u = the authenticated user name = the agent id) for every agent, and
-    explicit sections for the two services."""
+    explicit sections for the services (and shard workers, each reading its own shard)."""
     return "\n".join([
         "# Written by fedmq broker provision. Patterns apply to every user; %u is its user name.",
         "# Agents: their own topics only, and the round topics.",
         f"pattern write updates/{task}/+/%u/+",
+        f"pattern write shards/{task}/+/+/%u/+",
         "pattern write agents/%u/status",
         "pattern write telemetry/%u",
         f"pattern write enroll/{task}/%u",
@@ -73,7 +77,18 @@ def acl_text(task: str, aggregator: str = "aggregator", authority: str = "keyaut
         f"topic read keys/{task}/public/+",
         f"topic write masks/{task}/+/request",
         f"topic read masks/{task}/+/correction/+",
+        *([f"topic read partials/{task}/#"] if workers else []),
         "",
+        *[line for w in workers or [] for line in (
+            f"# Shard worker {w}: its own shard's updates in, its partial sums and resend requests out.",
+            f"user {w}",
+            f"topic read shards/{task}/{w}/#",
+            "topic read agents/+/status",
+            f"topic read rounds/{task}/+/start",
+            f"topic write rounds/{task}/+/resend/+",
+            f"topic write partials/{task}/+/{w}/+",
+            f"topic read keys/{task}/public/+",
+            "")],
         "# The key authority: enrollments in, keys out; mask recovery requests in, corrections out.",
         f"user {authority}",
         f"topic read enroll/{task}/+",
@@ -141,16 +156,17 @@ def _tls_files(out: Path, host: str) -> tuple[Path, Path, Path]:
 def provision(out: Path, *, agents: int, port: int = 8883, host: str = "127.0.0.1", tls: bool = False,
               task: str = "digits", chunk_size: int = 256 * 1024, rounds: int = 5,
               state_root: Path | None = None, run_as: str | None = None, rabbitmq: bool = False,
-              max_queued_mib: int = 1024) -> Provisioned:
+              max_queued_mib: int = 1024, shard_workers: int = 0) -> Provisioned:
     """``run_as``: the ``user`` mosquitto runs as (it must read passwd, acl and the
     key); by default mosquitto started as root switches to ``mosquitto``, so chown
     those files to it."""
     ensure_private_dir(out)
     state_root = state_root or out / "state"
     ids = [f"agent-{i + 1}" for i in range(agents)]
-    passwords = {name: secrets.token_urlsafe(24) for name in ["aggregator", "keyauthority", *ids]}
+    workers = [f"shard-{k + 1}" for k in range(shard_workers)]
+    passwords = {name: secrets.token_urlsafe(24) for name in ["aggregator", "keyauthority", *workers, *ids]}
     write_private(out / "passwd", "".join(f"{u}:{mosquitto_hash(p)}\n" for u, p in passwords.items()).encode())
-    write_private(out / "acl", acl_text(task).encode())
+    write_private(out / "acl", acl_text(task, workers=workers).encode())
     lines = [
         "# Written by fedmq broker provision.",
         "per_listener_settings false",
@@ -184,7 +200,7 @@ def provision(out: Path, *, agents: int, port: int = 8883, host: str = "127.0.0.
 
     creds = {a: secrets.token_urlsafe(24) for a in ids}
     # Signing keys beside the configs (0600): each role's config names the other's public key.
-    keys = {role: out / f"{role}-signing.key" for role in ("keyauthority", "aggregator")}
+    keys = {role: out / f"{role}-signing.key" for role in ("keyauthority", "aggregator", *workers)}
     public = {role: signing.public_bytes(signing.load_or_create(path)).hex() for role, path in keys.items()}
     quorum = max(1, min(2, agents))
     configs = {
@@ -192,11 +208,16 @@ def provision(out: Path, *, agents: int, port: int = 8883, host: str = "127.0.0.
                                                   state_dir=state_root / "keyauthority", credentials=creds,
                                                   chunk_size=chunk_size, signing_key=keys["keyauthority"],
                                                   aggregator_key=public["aggregator"],
+                                                  worker_keys={w: public[w] for w in workers},
                                                   policy=cfgmod.PolicySettings(min_agents=quorum)),
         "aggregator": cfgmod.AggregatorConfig(task=task, broker=endpoint("aggregator"), rounds=rounds,
                                               state_dir=state_root / "aggregator", target_agents=agents,
                                               min_agents=quorum, chunk_size=chunk_size,
-                                              signing_key=keys["aggregator"], authority_key=public["keyauthority"]),
+                                              signing_key=keys["aggregator"], authority_key=public["keyauthority"],
+                                              shard_workers=workers),
+        **{w: cfgmod.AggregatorConfig(aggregator_id=w, shard_worker=True, task=task, broker=endpoint(w),
+                                      state_dir=state_root / w, chunk_size=chunk_size, signing_key=keys[w],
+                                      authority_key=public["keyauthority"]) for w in workers},
     }
     for i, a in enumerate(ids):
         configs[a] = cfgmod.AgentConfig(agent_id=a, credential=creds[a], task=task, broker=endpoint(a),
@@ -208,7 +229,7 @@ def provision(out: Path, *, agents: int, port: int = 8883, host: str = "127.0.0.
     if rabbitmq:
         rmq = ensure_private_dir(out / "rabbitmq")
         write_private(rmq / "definitions.json", rabbitmq_permissions.write_json(
-            rabbitmq_permissions.definitions(passwords, task)).encode())
+            rabbitmq_permissions.definitions(passwords, task, workers=workers)).encode())
         (rmq / "rabbitmq.conf").write_text("\n".join(rabbitmq_permissions.config_lines(
             str(rmq / "definitions.json"), port, host)) + "\n")
     return Provisioned(out=out, port=port, tls=tls, agents=ids)

@@ -33,24 +33,31 @@ def _q(name: str) -> str:
     return re.escape(name).replace("/", r"\.")
 
 
-def topic_rules(task: str, user: str, *, aggregator: str, authority: str) -> tuple[str, str]:
+def topic_rules(task: str, user: str, *, aggregator: str, authority: str,
+                workers: list[str] = ()) -> tuple[str, str]:
     """(write, read) regexes over routing keys for one user — the same discipline as
-    mosquitto's ACL: agents their own topics, the aggregator never a key topic."""
+    mosquitto's ACL: agents their own topics, the aggregator never a key topic, a
+    shard worker its own shard only."""
     t, u, seg = _q(task), _q(user), r"[^.]+"
     if user == aggregator:
         return (rf"^(rounds\.{t}\..+|masks\.{t}\.{seg}\.request)$",
                 rf"^(updates\.{t}\.{seg}\.{seg}\.{seg}|agents\.{seg}\.status|telemetry\.{seg}|keys\.{t}\.public\.{seg}"
-                rf"|masks\.{t}\.{seg}\.correction\.{seg})$")
+                rf"|masks\.{t}\.{seg}\.correction\.{seg}|partials\.{t}\.{seg}\.{seg}\.{seg})$")
+    if user in workers:
+        return (rf"^(rounds\.{t}\.{seg}\.resend\.{seg}|partials\.{t}\.{seg}\.{u}\.{seg})$",
+                rf"^(shards\.{t}\.{u}\.{seg}\.{seg}\.{seg}|agents\.{seg}\.status|rounds\.{t}\.{seg}\.start"
+                rf"|keys\.{t}\.public\.{seg})$")
     if user == authority:
         return (rf"^(keys\.{t}\..+|masks\.{t}\.{seg}\.correction\.{seg})$",
                 rf"^(enroll\.{t}\.{seg}|masks\.{t}\.{seg}\.request)$")
-    return (rf"^(updates\.{t}\.{seg}\.{u}\.{seg}|agents\.{u}\.status|telemetry\.{u}|enroll\.{t}\.{u})$",
+    return (rf"^(updates\.{t}\.{seg}\.{u}\.{seg}|shards\.{t}\.{seg}\.{seg}\.{u}\.{seg}|agents\.{u}\.status"
+            rf"|telemetry\.{u}|enroll\.{t}\.{u})$",
             rf"^(keys\.{t}\.agents\.{u}\.{seg}|rounds\.{t}\.{seg}\.(start|closed|result\.{seg}|resend\.{u})"
             rf"|rounds\.{t}\.rollcall)$")
 
 
 def definitions(passwords: dict[str, str], task: str, *, aggregator: str = "aggregator",
-                authority: str = "keyauthority", vhost: str = "/") -> dict:
+                authority: str = "keyauthority", vhost: str = "/", workers: list[str] = ()) -> dict:
     users, perms, topics = [], [], []
     for user, password in passwords.items():
         users.append({"name": user, "password_hash": rabbit_hash(password),
@@ -58,7 +65,7 @@ def definitions(passwords: dict[str, str], task: str, *, aggregator: str = "aggr
         own = rf"mqtt-subscription-{re.escape(user)}qos[01]"
         perms.append({"user": user, "vhost": vhost, "configure": rf"^{own}$",
                       "write": rf"^(amq\.topic|{own})$", "read": rf"^(amq\.topic|{own})$"})
-        write, read = topic_rules(task, user, aggregator=aggregator, authority=authority)
+        write, read = topic_rules(task, user, aggregator=aggregator, authority=authority, workers=workers)
         topics.append({"user": user, "vhost": vhost, "exchange": "amq.topic", "write": write, "read": read})
     return {"users": users, "vhosts": [{"name": vhost}], "permissions": perms, "topic_permissions": topics}
 

@@ -64,15 +64,18 @@ def broker_provision(agents: int = typer.Option(..., min=1, help="Number of agen
                      chunk_kib: int = typer.Option(256, min=1, help="Chunk size; max_packet_size follows it."),
                      rabbitmq: bool = typer.Option(False, help="Also write RabbitMQ definitions (users, topic "
                                                                "permissions) and a rabbitmq.conf for its MQTT plugin."),
-                     max_queued_mib: int = typer.Option(1024, min=1, help="mosquitto's max_queued_bytes per client.")
+                     max_queued_mib: int = typer.Option(1024, min=1, help="mosquitto's max_queued_bytes per client."),
+                     shard_workers: int = typer.Option(0, min=0, help="Sharded aggregation: users, ACLs and configs "
+                                                                      "(shard-K.yaml) for this many shard workers.")
                      ) -> None:
     """Write a locked-down mosquitto (passwords, ACLs, optional TLS) and every role's config."""
     from broker.provision import provision
 
     prov = provision(out, agents=agents, port=port, host=host, tls=tls, task=task, chunk_size=chunk_kib * 1024,
-                     rabbitmq=rabbitmq, max_queued_mib=max_queued_mib)
+                     rabbitmq=rabbitmq, max_queued_mib=max_queued_mib, shard_workers=shard_workers)
     typer.echo(f"wrote {prov.conf} (+ passwd, acl{', ca.crt, server.crt/key' if tls else ''}) and "
-               f"keyauthority.yaml, aggregator.yaml, {len(prov.agents)} agent configs (0600) in {out}\n"
+               f"keyauthority.yaml, aggregator.yaml, {f'{shard_workers} shard worker configs, ' if shard_workers else ''}"
+               f"{len(prov.agents)} agent configs (0600) in {out}\n"
                f"start: mosquitto -c {prov.conf}")
 
 
