@@ -198,6 +198,7 @@ class Observer:
         filters = [topics.all_round_starts(TASK), topics.all_round_closed(TASK), topics.ALL_TELEMETRY]
         if watch_uploads_of:
             filters.append(f"updates/{TASK}/+/{watch_uploads_of}/+")
+            filters.append(f"shards/{TASK}/+/+/{watch_uploads_of}/+")  # sharded rounds
         if collect_results:
             filters.append(topics.all_results(TASK))
             filters.append(topics.all_mask_requests(TASK))
