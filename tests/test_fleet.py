@@ -11,10 +11,12 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
-def test_small_fleet_in_three_processes_every_round_exact(tmp_path):
+@pytest.mark.parametrize("workers", [0, 3])
+def test_small_fleet_in_three_processes_every_round_exact(tmp_path, workers):
     out = tmp_path / "fleet.json"
     proc = subprocess.run([sys.executable, "-m", "fedmq", "fleet", "--agents", "12", "--processes", "3",
                            "--rounds", "2", "--broker", "embedded", "--workdir", str(tmp_path / "run"),
+                           "--workers", str(workers),
                            "--json", str(out), "--time-limit", "400"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -24,7 +26,11 @@ def test_small_fleet_in_three_processes_every_round_exact(tmp_path):
     for r in rep["rounds"]:
         assert r["status"] == "aggregated" and r["exact"] and r["participants"] == 12 and r["close_s"] > 0
     usage = {u["name"]: u for u in rep["usage"]}
-    assert set(usage) == {"broker", "keyauthority", "aggregator", "agent hosts"}
+    assert set(usage) == {"broker", "keyauthority", "aggregator", "agent hosts"} | (
+        {"shard workers"} if workers else set())
+    if workers:  # three workers, four agents each; the root combined their partial sums
+        root = (tmp_path / "run/logs/aggregator.log").read_text()
+        assert all(f"combined shard-{k}'s partial sum (4 update(s)" in root for k in (1, 2, 3))
     assert usage["agent hosts"]["processes"] == 3 and all(u["peak_rss_mb"] > 10 for u in usage.values())
     # Every agent enrolled on its own: twelve grants, twelve distinct MQTT clients.
     ka_log = (tmp_path / "run/logs/keyauthority.log").read_text()

@@ -107,6 +107,7 @@ def fleet(agents: int = typer.Option(100, min=2, help="Number of real agents."),
           p: float = typer.Option(1.0, min=0.0, max=1.0),
           masking: bool = typer.Option(False, help="Secure masking of the readable part."),
           broker: str = typer.Option("auto", help="auto | mosquitto | embedded"),
+          workers: int = typer.Option(0, min=0, help="Sharded aggregation: shard workers beside the root aggregator."),
           verify: bool = typer.Option(True, help="Check every round against the exact weighted mean (test mode "
                                                  "dumps: never on real devices)."),
           workdir: Optional[Path] = typer.Option(None, help="Where configs, keys, logs go (default: temp dir)."),
@@ -124,12 +125,12 @@ def fleet(agents: int = typer.Option(100, min=2, help="Number of real agents."),
     configure("fleet", "WARNING")
     protection = wire.Protection(scheme=scheme, p=p, mode="random", secure_masking=masking)
     settings = FleetSettings(agents=agents, processes=processes, rounds=rounds, protection=protection,
-                             broker=broker, verify=verify, time_limit_s=time_limit)
+                             broker=broker, verify=verify, time_limit_s=time_limit, workers=workers)
     console = Console(width=max(Console().width, 120))
     with tempfile.TemporaryDirectory(prefix="fedmq-fleet-") as tmp:
         where = workdir or Path(tmp)
         console.print(f"[bold]fedmq fleet[/]: {agents} agents in {processes} processes, {rounds} rounds, "
-                      f"work dir {where}")
+                      f"{f'{workers} shard workers, ' if workers else ''}work dir {where}")
         with sigterm_as_interrupt():
             rep = run_fleet(settings, where, on_round=lambda r, v: console.print(
                 f"round {r} {v.closed.status}: {len(v.closed.participants)}/{len(v.selected)} agents"))

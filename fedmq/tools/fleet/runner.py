@@ -46,6 +46,7 @@ class FleetSettings:
     round_timeout_s: float = 300.0
     time_limit_s: float = 3600.0
     verify: bool = True
+    workers: int = 0  # sharded aggregation: shard workers beside the root aggregator (0: one aggregator)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class FleetUsage:
 class FleetReport:
     agents: int
     processes: int
+    workers: int
     broker: str
     protection: dict
     online_s: float | None  # hosts started → first round start (enrollment of the whole fleet)
@@ -130,7 +132,7 @@ def run_fleet(s: FleetSettings, workdir: Path, on_round=None) -> FleetReport:
     cluster = Cluster(workdir=workdir, port=port, n_agents=s.agents, rounds=s.rounds, chunk_size=256 * 1024,
                       # Rounds wait for the whole fleet to be online, or 5 minutes with a quorum.
                       round_timeout_s=s.round_timeout_s, selection_grace_s=min(300.0, s.time_limit_s),
-                      offline_grace_s=10.0, protection=s.protection)
+                      offline_grace_s=10.0, protection=s.protection, shard_workers=s.workers)
     cluster.aggregator_overrides.update(max_agents=max(1000, s.agents), wait_for_agents_s=s.time_limit_s)
     oracle_dir = workdir / "oracle"
     for i, a in enumerate(cluster.agent_ids):
@@ -154,6 +156,8 @@ def run_fleet(s: FleetSettings, workdir: Path, on_round=None) -> FleetReport:
             cluster.start_broker()
         cluster.start_role("keyauthority")
         cluster.start_role("aggregator")
+        for w in cluster.worker_ids:
+            cluster.start_role(w)
         observer = Observer(port, collect_results=s.verify)
         observer.connect()
         hosts_started = time.monotonic()
@@ -164,6 +168,8 @@ def run_fleet(s: FleetSettings, workdir: Path, on_round=None) -> FleetReport:
         broker_pid = mosquitto.proc.pid if mosquitto else cluster.procs["broker"].pid
         sampler = _Sampler({"broker": [broker_pid], "keyauthority": [cluster.procs["keyauthority"].pid],
                             "aggregator": [cluster.procs["aggregator"].pid],
+                            **({"shard workers": [cluster.procs[w].pid for w in cluster.worker_ids]}
+                               if cluster.worker_ids else {}),
                             "agent hosts": [p.pid for n, p in cluster.procs.items() if n.startswith("fleet-host")]})
         sampler.start()
         end = t0 + s.time_limit_s
@@ -207,7 +213,7 @@ def run_fleet(s: FleetSettings, workdir: Path, on_round=None) -> FleetReport:
             row.exact, row.max_error = verdict.ok, verdict.max_error
         rounds.append(row)
     first_start = min(started.values()) if started else None
-    return FleetReport(agents=s.agents, processes=processes, broker=kind, protection=asdict(s.protection),
+    return FleetReport(agents=s.agents, processes=processes, workers=s.workers, broker=kind, protection=asdict(s.protection),
                        online_s=round(first_start - hosts_started, 1) if first_start and hosts_started else None,
                        rounds=rounds, usage=sampler.usage() if sampler else [], wall_s=round(time.monotonic() - t0, 1))
 
