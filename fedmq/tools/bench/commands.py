@@ -183,3 +183,58 @@ def bench_accuracy(json_out: Path = typer.Option(Path("runs/benchmarks/accuracy.
                       str(sum(x["clipped"] for x in r["per_round"])), f"{r['wall_s']:.0f}")
     Console(width=max(Console().width, 100)).print(table)
     print(f"wrote {json_out} and {png}")
+
+
+@bench_app.command("scale")
+def bench_scale(json_out: Path = typer.Option(Path("runs/benchmarks/scale.json"), "--json"),
+                png: Optional[Path] = typer.Option(None, help="Plot (default: next to the JSON)."),
+                agents: str = typer.Option("10,100,300,1000", help="Comma-separated fleet sizes."),
+                workers: int = typer.Option(2, min=0, help="Each size also runs with this many shard workers "
+                                                           "(0: one aggregator only)."),
+                rounds: int = typer.Option(3, min=2),
+                scheme: str = typer.Option("ckks", help="ckks | quantize | quantize+he (default: full CKKS)."),
+                broker: str = typer.Option("auto", help="auto | mosquitto | embedded")) -> None:
+    """Round close time, fold time, bytes and peak RSS of broker and aggregator(s) from
+    10 to 1,000 real agents, with one aggregator and with K shard workers."""
+    configure("bench", "WARNING")
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedmq.protocol import wire
+    from fedmq.tools.bench import scale
+
+    protection = wire.Protection(scheme=scheme, p=1.0 if scheme == "ckks" else 0.0, mode="random")
+    rows = scale.run([int(n) for n in agents.split(",")], workers, rounds, protection, json_out, broker=broker)
+    png = png or json_out.with_suffix(".png")
+    scale.plot(rows, png)
+    table = Table(title=f"fedmq fleet, {scheme}, {rounds} rounds per run")
+    for col in ("agents", "workers", "exact", "round 1 s", "close s", "fold s", "MB/round", "agg MB", "workers MB",
+                "broker MB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r.agents), str(r.workers), "yes" if r.ok else "NO", str(r.first_close_s), str(r.close_s),
+                      str(r.fold_s), str(r.mb_per_round), f"{r.aggregator_peak_rss_mb:.0f}",
+                      "-" if r.worker_peak_rss_mb is None else f"{r.worker_peak_rss_mb:.0f}",
+                      f"{r.broker_peak_rss_mb:.0f}")
+    Console(width=max(Console().width, 120)).print(table)
+    print(f"wrote {json_out} and {png}")
+    raise typer.Exit(0 if all(r.ok for r in rows) else 1)
+
+
+@bench_app.command("shard-fold")
+def bench_shard_fold(json_out: Path = typer.Option(Path("runs/benchmarks/shard-fold.json"), "--json"),
+                     updates: int = typer.Option(12, min=2, help="Encrypted CNN updates in the round."),
+                     workers: int = typer.Option(2, min=2, help="Shard workers (processes)."),
+                     params: int = typer.Option(1_663_370, min=1, help="Model size (default: the paper's CNN).")
+                     ) -> None:
+    """The fold phase of one full-CKKS CNN round: one aggregator vs K shard workers + the root's combining."""
+    configure("bench", "WARNING")
+    from fedmq.tools.bench import shard_fold
+
+    row = shard_fold.run(updates=updates, workers=workers, params=params)
+    shard_fold.write(row, json_out)
+    print(f"{updates} updates of {row.update_mb} MB ({params:,} params, full CKKS) on {row.cpus} cores: one "
+          f"aggregator folds in {row.single_s} s; {workers} workers {row.worker_s} s + root combining "
+          f"{row.combine_s} s = {row.sharded_s} s -> {row.speedup}x (target >= 1.6); sums agree within "
+          f"{row.max_abs_diff:.1e} -> {json_out}")
+    raise typer.Exit(0 if row.speedup >= 1.6 and row.max_abs_diff < 1e-6 else 1)

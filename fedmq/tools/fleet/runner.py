@@ -46,6 +46,7 @@ class FleetSettings:
     round_timeout_s: float = 300.0
     time_limit_s: float = 3600.0
     verify: bool = True
+    keepalive_s: int = 120  # the agents' MQTT keep-alive (see run_fleet)
     workers: int = 0  # sharded aggregation: shard workers beside the root aggregator (0: one aggregator)
 
 
@@ -137,6 +138,10 @@ def run_fleet(s: FleetSettings, workdir: Path, on_round=None) -> FleetReport:
     oracle_dir = workdir / "oracle"
     for i, a in enumerate(cluster.agent_ids):
         cluster.agent_overrides[a] = {
+            # A hundred agents' threads share one interpreter's GIL on a busy machine: a paho
+            # network loop can go quiet for tens of seconds (at 1,000 agents on 2 cores, 870
+            # missed a 30 s keep-alive in round 1). Devices of their own keep the default.
+            "broker": cfgmod.BrokerEndpoint(port=port, keepalive=s.keepalive_s),
             "data": cfgmod.DataSettings(shard=i % s.shards, num_shards=s.shards),
             "train": cfgmod.TrainSettings(epochs=s.epochs),
             "faults": cfgmod.FaultSettings(oracle_dir=oracle_dir if s.verify else None,
