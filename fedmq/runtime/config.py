@@ -48,6 +48,14 @@ class BrokerEndpoint(_Section):
     # clean_session=false: the broker keeps our subscriptions and queues QoS 1 messages
     # while we are briefly away (a Wi-Fi drop, a restart), and delivers them on return.
     persistent_session: bool = True
+    # Other nodes of a clustered broker, "host:port", tried in turn (after host:port) when
+    # the connection is lost or the first node is down; the same credentials and TLS.
+    failover: list[Annotated[str, StringConstraints(pattern=r"^[^\s:]+:[0-9]{1,5}$")]] = Field(default_factory=list)
+
+    @property
+    def nodes(self) -> list[tuple[str, int]]:
+        """Every node to try, this endpoint's own first."""
+        return [(self.host, self.port), *((h, int(p)) for h, p in (n.rsplit(":", 1) for n in self.failover))]
 
 
 class HeSettings(_Section):

@@ -106,7 +106,17 @@ class _JitteredClient(mqtt.Client):
     (paho's own back-off is deterministic). It retries forever, as paho does;
     nothing accumulates per attempt."""
 
+    nodes: list[tuple[str, int]] = []  # a clustered broker's nodes: each reconnect tries the next
+
     def _reconnect_wait(self) -> None:
+        self._wait_backoff()
+        if len(self.nodes) > 1:  # fail over: the node we lost may be down for good
+            here = (self._host, self._port)
+            at = self.nodes.index(here) if here in self.nodes else -1
+            self._host, self._port = self.nodes[(at + 1) % len(self.nodes)]
+            log.info("reconnecting via broker node %s:%s", self._host, self._port)
+
+    def _wait_backoff(self) -> None:
         with self._reconnect_delay_mutex:
             cap = self._reconnect_min_delay if self._reconnect_delay is None else min(
                 self._reconnect_delay * 2, self._reconnect_max_delay)
@@ -164,6 +174,7 @@ class MqttSession:
                       keyfile=str(endpoint.tls_key) if endpoint.tls_key else None)
         if will:
             c.will_set(will[0], will[1], qos=1, retain=True)
+        c.nodes = endpoint.nodes
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -173,10 +184,15 @@ class MqttSession:
     # ------------------------------------------------------------------ lifecycle
     def connect(self) -> None:
         ep = self.endpoint
-        try:
-            self.client.connect(ep.host, ep.port, keepalive=ep.keepalive)
-        except OSError as exc:
-            raise BrokerError(f"cannot reach broker {ep.host}:{ep.port}: {exc}") from None
+        errors = []
+        for host, port in ep.nodes:  # the first node that answers; a down node is skipped
+            try:
+                self.client.connect(host, port, keepalive=ep.keepalive)
+                break
+            except OSError as exc:
+                errors.append(f"{host}:{port}: {exc}")
+        else:
+            raise BrokerError(f"cannot reach broker {'; '.join(errors)}") from None
         self.client.loop_start()
         deadline = time.monotonic() + ep.connect_timeout_s
         # Wait for CONNACK *and* the SUBACK of the initial subscriptions, so nothing
@@ -187,7 +203,7 @@ class MqttSession:
                 and self._subscribed.wait(max(deadline - time.monotonic(), 0.01))):
             self.client.loop_stop()
             reason = self._refused or f"no CONNACK/SUBACK within {ep.connect_timeout_s}s"
-            raise BrokerError(f"broker {ep.host}:{ep.port} refused {self.client_id!r}: {reason}")
+            raise BrokerError(f"broker {self.client.host}:{self.client.port} refused {self.client_id!r}: {reason}")
 
     def close(self, flush_s: float = 5.0) -> None:
         """Disconnect after the broker acknowledged what we published (bounded wait),
@@ -232,7 +248,7 @@ class MqttSession:
             log.info("reconnected to the broker")
             self.on_reconnect()
         self._ever_connected = True
-        log.debug("connected to %s:%s", self.endpoint.host, self.endpoint.port)
+        log.debug("connected to %s:%s", client.host, client.port)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         failed = [str(rc) for rc in reason_codes if rc.is_failure]
