@@ -55,6 +55,10 @@ class RoundView:
     closed: wire.RoundClosed | None = None
     telemetry: dict[str, wire.Telemetry] = field(default_factory=dict)
     killed: str | None = None
+    # When the aggregator sent the start and the close (their envelopes' clock): exact
+    # even when the observer reads them late, as a busy machine's observer does.
+    started_ts: float | None = None
+    closed_ts: float | None = None
 
 
 @dataclass
@@ -249,10 +253,10 @@ class Observer:
             return None
         view = self.rounds.setdefault(env.round, RoundView())
         if info.family == "round_start":
-            view.selected, view.purpose = body.selected, body.purpose
+            view.selected, view.purpose, view.started_ts = body.selected, body.purpose, env.ts
             return "start", env.round
         if info.family == "round_closed":
-            view.closed = body
+            view.closed, view.closed_ts = body, env.ts
             return "closed", env.round
         if info.family == "telemetry":
             view.telemetry[env.sender] = body

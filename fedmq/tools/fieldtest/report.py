@@ -26,7 +26,7 @@ def render(report: FieldReport, console: Console) -> None:
     closed = sum(1 for r in report.rounds if r.status == "aggregated")
     exact = sum(1 for r in report.rounds if r.ok)
     console.print(f"{closed}/{len(report.rounds)} rounds aggregated, {exact} exact; {report.faults_applied} faults "
-                  f"applied, {len(report.faults_skipped)} skipped; aggregator resumed {report.aggregator_resumes}x "
+                  f"applied, {len(report.faults_skipped)} skipped; aggregator and shard workers resumed {report.aggregator_resumes}x "
                   f"after kill -9; {report.wall_s:.0f}s")
     for s in report.faults_skipped:
         console.print(f"  skipped: {s}")

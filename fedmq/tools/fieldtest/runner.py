@@ -85,7 +85,7 @@ class FieldTest:
                                round_timeout_s=scenario.round_timeout_s,
                                selection_grace_s=scenario.selection_grace_s,
                                offline_grace_s=scenario.offline_grace_s, protection=scenario.protection,
-                               max_samples=scenario.max_samples)
+                               max_samples=scenario.max_samples, shard_workers=scenario.shard_workers)
         self.mosquitto = MosquittoProcess(workdir / "mosquitto", self.cluster.port) \
             if self.broker_kind == "mosquitto" else None
         self.proxies = {a: TcpProxy(self.cluster.port, name=f"net-{a}") for a in scenario.agent_ids}
@@ -139,11 +139,12 @@ class FieldTest:
         if f.restart_after_s is not None:
             self._later(f.restart_after_s, lambda: self.cluster.start_role(f.agent))
 
-    def _kill_aggregator(self, r: int, f: Fault, label: str) -> None:
-        self.cluster.kill("aggregator", signal.SIGKILL)
-        self.cluster.procs["aggregator"].wait(10)
-        self._note(r, f"kill -9 aggregator ({label})")
-        self._later(f.restart_after_s or 0.0, lambda: self.cluster.start_role("aggregator"))
+    def _kill_aggregator(self, r: int, f: Fault, label: str, name: str = "aggregator") -> None:
+        """kill -9 of the aggregator (or of a shard worker), restarted on the same state dir."""
+        self.cluster.kill(name, signal.SIGKILL)
+        self.cluster.procs[name].wait(10)
+        self._note(r, f"kill -9 {name} ({label})")
+        self._later(f.restart_after_s or 0.0, lambda: self.cluster.start_role(name))
 
     def _uploads(self, r: int, agent: str) -> tuple[int, int]:
         seen, total = self.observer.upload_progress.get((r, agent), [0, 0])
@@ -183,13 +184,14 @@ class FieldTest:
                 self._note(r, f"broker ({self.broker_kind}) restart, down {f.duration_s:.1f}s")
                 self._later(f.duration_s, self._start_broker)
             self._later(f.after_s, restart)
-        elif f.kind == "aggregator-kill" and f.phase == "upload":
+        elif f.kind in ("aggregator-kill", "worker-kill") and f.phase == "upload":
             def mid_round() -> bool:
                 progress = [v for (rr, _), v in obs.upload_progress.items() if rr == r]
                 return any(s >= t for s, t in progress) and any(0 < s < t for s, t in progress)
+            name = f.agent if f.kind == "worker-kill" else "aggregator"
             self.arms.append((mid_round, lambda: self._kill_aggregator(r, f, "mid-round: one upload done, "
-                                                                              "another in flight"),
-                              r, "kill -9 aggregator mid-round"))
+                                                                              "another in flight", name),
+                              r, f"kill -9 {name} mid-round"))
         elif f.kind == "aggregator-kill" and f.phase == "unmask":
             self.arms.append((lambda: obs.mask_requests.get(r, 0) >= 1,
                               lambda: self._kill_aggregator(r, f, "mid-unmasking: correction asked for"),
@@ -260,8 +262,8 @@ class FieldTest:
             self._start_broker()
             cluster.start_role("keyauthority")
             cluster.start_role("aggregator")
-            for a in sc.agent_ids:
-                cluster.start_role(a)
+            for name in [*cluster.worker_ids, *sc.agent_ids]:
+                cluster.start_role(name)
             self.observer = Observer(cluster.port, watch_uploads_of="+", collect_results=True)
             self.observer.connect()
             end = t0 + sc.time_limit_s
@@ -318,7 +320,8 @@ class FieldTest:
                                    view.closed if view else None, self.sc.tolerance)
             rep.ok, rep.max_error, rep.verdict = v.ok, v.max_error, v.detail
             rounds.append(rep)
-        resumes = self.cluster.log_text("aggregator").count("after a restart:")
+        resumes = sum(self.cluster.log_text(n).count("after a restart:") for n in ["aggregator",
+                                                                                     *self.cluster.worker_ids])
         return FieldReport(scenario=self.sc.name, broker=self.broker_kind, agents=self.sc.agents, rounds=rounds,
                            wall_s=wall, faults_applied=self.applied, faults_skipped=self.skipped,
                            aggregator_resumes=resumes)

@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from fedmq.runtime import config as cfgmod
 from fedmq.protocol.wire import Protection
 
-FaultKind = Literal["kill", "stop", "network", "broker-restart", "aggregator-kill"]
+FaultKind = Literal["kill", "stop", "network", "broker-restart", "aggregator-kill", "worker-kill"]
 
 
 class Fault(cfgmod._Section):
@@ -23,7 +23,7 @@ class Fault(cfgmod._Section):
 
     round: Annotated[int, Field(ge=1)]
     kind: FaultKind
-    agent: str | None = None  # kill, stop, network
+    agent: str | None = None  # kill, stop, network; worker-kill: the shard worker (shard-K)
     # kill / aggregator-kill: 'training' = as the round starts, before any chunk of the
     # agent (of any agent, for the aggregator) is seen; 'upload' = at its first chunk;
     # 'unmask' (aggregator, secure masking) = once it has asked for the round's correction.
@@ -36,8 +36,9 @@ class Fault(cfgmod._Section):
 
     @model_validator(mode="after")
     def _agent_given(self) -> Fault:
-        if self.kind in ("kill", "stop", "network") and not self.agent:
-            raise ValueError(f"a {self.kind} fault needs 'agent'")
+        if self.kind in ("kill", "stop", "network", "worker-kill") and not self.agent:
+            raise ValueError(f"a {self.kind} fault needs 'agent'" + (" (the worker, shard-K)"
+                                                                     if self.kind == "worker-kill" else ""))
         if self.phase == "unmask" and self.kind != "aggregator-kill":
             raise ValueError("phase 'unmask' is the aggregator's (kind: aggregator-kill)")
         return self
@@ -52,6 +53,7 @@ class RandomFaults(cfgmod._Section):
     aggregator_kill_rounds: list[int] = []
     aggregator_unmask_kill_rounds: list[int] = []  # secure masking: killed between asking and unmasking
     broker_restart_rounds: list[int] = []
+    worker_kill_rounds: list[int] = []  # sharded: a shard worker (in turn) killed -9 mid-round, restarted
 
 
 class Scenario(cfgmod._Section):
@@ -73,6 +75,7 @@ class Scenario(cfgmod._Section):
     seed: int = 0
     time_limit_s: Annotated[float, Field(gt=0)] = 600.0
     tolerance: Annotated[float, Field(gt=0)] = 1e-6  # max |aggregate - exact weighted mean|
+    shard_workers: Annotated[int, Field(ge=0, le=16)] = 0  # sharded aggregation: workers beside the root
     faults: list[Fault] = []
     random_faults: RandomFaults | None = None
 
@@ -88,8 +91,14 @@ class Scenario(cfgmod._Section):
         if unmask_kills and not masked:
             raise ValueError("an aggregator kill mid-unmasking needs protection.secure_masking with p < 1")
         ids = set(self.agent_ids)
+        workers = {f"shard-{k + 1}" for k in range(self.shard_workers)}
+        if self.random_faults and self.random_faults.worker_kill_rounds and not workers:
+            raise ValueError("worker_kill_rounds needs shard_workers")
         for f in self.faults:
-            if f.agent is not None and f.agent not in ids:
+            if f.kind == "worker-kill":
+                if f.agent not in workers:
+                    raise ValueError(f"worker-kill names {f.agent!r}; the shard workers are {sorted(workers)}")
+            elif f.agent is not None and f.agent not in ids:
                 raise ValueError(f"fault names {f.agent!r}, which is not one of agent-1..agent-{self.agents}")
             if f.round > self.rounds:
                 raise ValueError(f"fault in round {f.round}, but the scenario has {self.rounds} rounds")
@@ -121,6 +130,9 @@ class Scenario(cfgmod._Section):
             out.append(Fault(round=rnd, kind="aggregator-kill", phase="upload"))
         if rnd in rf.aggregator_unmask_kill_rounds:
             out.append(Fault(round=rnd, kind="aggregator-kill", phase="unmask"))
+        if rnd in rf.worker_kill_rounds:
+            k = rf.worker_kill_rounds.index(rnd) % self.shard_workers
+            out.append(Fault(round=rnd, kind="worker-kill", agent=f"shard-{k + 1}", phase="upload"))
         if rnd in rf.broker_restart_rounds:
             out.append(Fault(round=rnd, kind="broker-restart", after_s=0.5))
         return out

@@ -210,8 +210,12 @@ def run_fleet(s: FleetSettings, workdir: Path, on_round=None) -> FleetReport:
         c = view.closed
         if r < 1 or c is None:
             continue
+        if view.started_ts is not None and view.closed_ts is not None:  # the aggregator's own clock
+            close_s = round(view.closed_ts - view.started_ts, 2)
+        else:
+            close_s = round(closed_at[r] - started[r], 2) if r in started and r in closed_at else None
         row = FleetRound(round=r, selected=len(view.selected), participants=len(c.participants), status=c.status,
-                         close_s=round(closed_at[r] - started[r], 2) if r in started and r in closed_at else None,
+                         close_s=close_s,
                          bytes_received=c.bytes_received, agg_s=round(c.agg_s, 3))
         if s.verify:
             verdict = oracle.check_round(ctx, oracle_dir, r, observer.results.get(r), c, 1e-6)
