@@ -47,6 +47,25 @@ def test_smoke_scenario_passes_with_every_fault_applied(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.long
+def test_sharded_aggregation_under_thirty_percent_faults_every_round_exact(tmp_path):
+    """Issue 17: two shard workers, each killed -9 mid-round once (and the root once, and
+    the broker restarted), 30% agent faults per round: every round exact."""
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "fedmq", "fieldtest", str(ROOT / "configs/fieldtests/sharded.yaml"),
+                           "--workdir", str(tmp_path / "run"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] and [r["status"] for r in report["rounds"]] == ["aggregated"] * 8
+    applied = " ".join(f for r in report["rounds"] for f in r["faults"])
+    assert "kill -9 shard-1 (mid-round" in applied and "kill -9 shard-2 (mid-round" in applied
+    assert "kill -9 aggregator (mid-round" in applied
+    for worker in ("shard-1", "shard-2"):
+        assert "after a restart:" in (tmp_path / f"run/logs/{worker}.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.long
 def test_thirty_percent_faults_with_secure_masking_every_round_exact(tmp_path):
     """Issue 16: 30% faults per round with masking on — dropouts before and after
     upload, the aggregator killed mid-upload and again after asking for the mask
@@ -167,6 +186,15 @@ def test_scenario_errors_name_file_and_key(tmp_path):
     with pytest.raises(ConfigError, match="fault in round 5"):
         load_scenario(bad)
     assert load_scenario(ROOT / "configs/fieldtests/smoke.yaml").agents == 5
+    bad.write_text("name: x\nagents: 3\nrounds: 2\nfaults:\n  - {round: 1, kind: worker-kill, agent: shard-1}\n")
+    with pytest.raises(ConfigError, match="the shard workers are"):
+        load_scenario(bad)
+    bad.write_text("name: x\nagents: 3\nrounds: 2\nrandom_faults: {worker_kill_rounds: [1]}\n")
+    with pytest.raises(ConfigError, match="worker_kill_rounds needs shard_workers"):
+        load_scenario(bad)
+    sharded = load_scenario(ROOT / "configs/fieldtests/sharded.yaml")
+    drawn = sharded.draw(5, sharded.agent_ids, np.random.default_rng(0))
+    assert [f.agent for f in drawn if f.kind == "worker-kill"] == ["shard-2"]  # the kills take the workers in turn
 
 
 @pytest.mark.slow

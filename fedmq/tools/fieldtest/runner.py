@@ -211,7 +211,7 @@ class FieldTest:
         faults = [f for f in self.sc.faults if f.round == rep.round]
         faults += self.sc.draw(rep.round, view.selected, self.rng)
         for f in faults:
-            if f.agent is not None and f.agent not in view.selected:
+            if f.kind != "worker-kill" and f.agent is not None and f.agent not in view.selected:
                 self._skip(r, f"{f.kind} {f.agent}: not selected")
                 continue
             self._schedule(r, f)
