@@ -96,6 +96,9 @@ class RabbitMQProcess:
     # Users and permissions (``fedmq broker provision --rabbitmq``): loaded at boot,
     # anonymous MQTT off. None: an open node, as for throughput runs.
     definitions: Path | None = None
+    # A cluster's nodes share an Erlang cookie of their own (never the system node's).
+    cookie: str | None = None
+    extra_conf: str = ""  # more rabbitmq.conf lines (a cluster's queue type, partition handling)
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self, timeout: float = 90.0) -> None:
@@ -123,7 +126,7 @@ class RabbitMQProcess:
             conf += f"mqtt.allow_anonymous = false\nload_definitions = {w / 'definitions.json'}\n"
         else:
             conf += "mqtt.allow_anonymous = true\n"
-        (w / "rabbitmq.conf").write_text(conf)
+        (w / "rabbitmq.conf").write_text(conf + self.extra_conf)
         if os.geteuid() == 0:  # the server script drops to the rabbitmq user: let it write here
             import pwd
 
@@ -135,10 +138,52 @@ class RabbitMQProcess:
                "RABBITMQ_DIST_PORT": str(free_port()), "RABBITMQ_MNESIA_BASE": str(w / "mnesia"),
                "RABBITMQ_LOG_BASE": str(w / "log"), "RABBITMQ_CONFIG_FILE": str(w / "rabbitmq"),
                "RABBITMQ_ENABLED_PLUGINS_FILE": str(w / "enabled_plugins"), "RABBITMQ_PID_FILE": str(w / "pid"),
-               "RABBITMQ_FEATURE_FLAGS_FILE": str(w / "feature_flags")}
+               "RABBITMQ_FEATURE_FLAGS_FILE": str(w / "feature_flags"),
+               **({"RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": f"-setcookie {self.cookie}"} if self.cookie else {})}
         log = open(w / "server.log", "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen([binary], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_for_port(self.mqtt_port, timeout=timeout)
+
+    def ctl(self, *args: str, timeout: float = 120.0) -> str:
+        """rabbitmqctl against this node (with the cluster's cookie); RuntimeError on failure."""
+        ctl = shutil.which("rabbitmqctl", path="/usr/lib/rabbitmq/bin") or "rabbitmqctl"
+        cookie = ["--erlang-cookie", self.cookie] if self.cookie else []
+        home = self.workdir / "clihome"
+        home.mkdir(exist_ok=True)
+        done = subprocess.run([ctl, *cookie, "-n", self.node, *args], capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "HOME": str(home)})
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} on {self.node}: {done.stdout}{done.stderr}".strip())
+        return done.stdout
+
+    def wait_booted(self, timeout: float = 120.0) -> None:
+        """await_startup fails at once until the node has registered with epmd: retried."""
+        import time
+
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                self.ctl("await_startup", "--timeout", "30", timeout=60)
+                return
+            except (RuntimeError, subprocess.TimeoutExpired):
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.5)
+
+    def kill(self) -> None:
+        """SIGKILL the node: the Erlang VM and everything under it, as a machine that dies."""
+        import psutil
+
+        try:
+            tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        except (psutil.NoSuchProcess, AttributeError):
+            return
+        for p in reversed(tree):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait(10)
 
     def stop(self) -> None:
         """The whole tree: the server script hands the node to the rabbitmq user (su),

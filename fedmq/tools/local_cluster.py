@@ -78,6 +78,9 @@ class Cluster:
     quantization: cfgmod.QuantizationSettings | None = None  # the key authority's secret plan
     dp: cfgmod.DpSettings | None = None  # client-level differential privacy
     max_samples: int = 1_000_000  # the policy's bound on an update's weight (masked floats: their resolution)
+    # A clustered broker: every node's port (``port`` is the first). Agent i connects to
+    # node i mod n, with the others as its failover list; the services to the first.
+    broker_ports: list[int] = field(default_factory=list)
     shard_workers: int = 0  # sharded aggregation: this many workers fold the rounds' shards, the aggregator combines
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     agent_overrides: dict[str, dict] = field(default_factory=dict)
@@ -95,9 +98,15 @@ class Cluster:
         path = self.workdir / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def endpoint(self, i: int = 0) -> cfgmod.BrokerEndpoint:
+        """Node ``i`` (mod the cluster's size) first, the other nodes to fail over to."""
+        ports = self.broker_ports or [self.port]
+        order = ports[i % len(ports):] + ports[:i % len(ports)]
+        return cfgmod.BrokerEndpoint(port=order[0], failover=[f"127.0.0.1:{p}" for p in order[1:]])
+
     def write_configs(self, min_agents: int = 2) -> None:
         ensure_private_dir(self.workdir / "configs")
-        endpoint = cfgmod.BrokerEndpoint(port=self.port)
+        endpoint = self.endpoint()
         creds = {a: secrets.token_urlsafe(24) for a in self.agent_ids}
         # The signing keys are made first: each role's config names the other's public key.
         authority_key = signing.public_bytes(signing.load_or_create(self.authority_key_file)).hex()
@@ -123,7 +132,8 @@ class Cluster:
                 offline_grace_s=self.offline_grace_s, chunk_size=self.chunk_size, authority_key=authority_key,
                 **{k: v for k, v in self.aggregator_overrides.items() if k in WORKER_SETTINGS}))
         for i, a in enumerate(self.agent_ids):
-            raw = dict(agent_id=a, credential=creds[a], task=TASK, broker=endpoint, authority_key=authority_key,
+            raw = dict(agent_id=a, credential=creds[a], task=TASK, broker=self.endpoint(i),
+                       authority_key=authority_key,
                        state_dir=self.workdir / f"state/{a}", chunk_size=self.chunk_size,
                        data=cfgmod.DataSettings(shard=i, num_shards=self.n_agents))
             raw.update(self.agent_overrides.get(a, {}))

@@ -130,14 +130,29 @@ class FieldTest:
         self.skipped.append(f"round {wire_round - self.offset}: {text}")
         log.info("round %d: skipped %s", wire_round - self.offset, text)
 
+    def _proc(self, agent: str) -> str:
+        """The process an agent fault hits: the agent's own, or its host's."""
+        return self.sc.host_of(agent)
+
+    def _describe(self, agent: str) -> str:
+        host = self._proc(agent)
+        return agent if host == agent else f"{host} ({len(self.sc.hosts[host])} agents, {agent} first)"
+
+    def _start_proc(self, name: str) -> None:
+        if self.sc.agents_per_host == 1:
+            self.cluster.start_role(name)
+        else:
+            self.cluster.start(name, "fleet-host", "--list", str(self.workdir / "configs" / f"{name}.txt"))
+
     def _kill_agent(self, r: int, f: Fault, label: str) -> None:
-        if not self._alive(f.agent):
-            self._skip(r, f"SIGKILL {f.agent}: not running")
+        proc = self._proc(f.agent)
+        if not self._alive(proc):
+            self._skip(r, f"SIGKILL {self._describe(f.agent)}: not running")
             return
-        self.cluster.kill(f.agent, signal.SIGKILL)
-        self._note(r, f"SIGKILL {f.agent} ({label})")
+        self.cluster.kill(proc, signal.SIGKILL)
+        self._note(r, f"SIGKILL {self._describe(f.agent)} ({label})")
         if f.restart_after_s is not None:
-            self._later(f.restart_after_s, lambda: self.cluster.start_role(f.agent))
+            self._later(f.restart_after_s, lambda: self._start_proc(proc))
 
     def _kill_aggregator(self, r: int, f: Fault, label: str, name: str = "aggregator") -> None:
         """kill -9 of the aggregator (or of a shard worker), restarted on the same state dir."""
@@ -163,12 +178,13 @@ class FieldTest:
             self._later(f.after_s, kill_training)
         elif f.kind == "stop":
             def stop() -> None:
-                if not self._alive(f.agent) or r not in self.reports or self.reports[r].status != "open":
-                    self._skip(r, f"SIGSTOP {f.agent}: not running or round over")
+                proc = self._proc(f.agent)
+                if not self._alive(proc) or r not in self.reports or self.reports[r].status != "open":
+                    self._skip(r, f"SIGSTOP {self._describe(f.agent)}: not running or round over")
                     return
-                self.cluster.kill(f.agent, signal.SIGSTOP)
-                self.stopped.setdefault(r, []).append(f.agent)
-                self._note(r, f"SIGSTOP {f.agent} until the round closes")
+                self.cluster.kill(proc, signal.SIGSTOP)
+                self.stopped.setdefault(r, []).append(proc)
+                self._note(r, f"SIGSTOP {self._describe(f.agent)} until the round closes")
             self._later(f.after_s, stop)
         elif f.kind == "network":
             proxy = self.proxies[f.agent]
@@ -262,8 +278,13 @@ class FieldTest:
             self._start_broker()
             cluster.start_role("keyauthority")
             cluster.start_role("aggregator")
-            for name in [*cluster.worker_ids, *sc.agent_ids]:
+            for name in cluster.worker_ids:
                 cluster.start_role(name)
+            for host, agents in sc.hosts.items():
+                if sc.agents_per_host > 1:
+                    (self.workdir / "configs" / f"{host}.txt").write_text(
+                        "".join(f"{cluster.config_path(a)}\n" for a in agents))
+                self._start_proc(host)
             self.observer = Observer(cluster.port, watch_uploads_of="+", collect_results=True)
             self.observer.connect()
             end = t0 + sc.time_limit_s

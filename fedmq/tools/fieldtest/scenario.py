@@ -53,12 +53,19 @@ class RandomFaults(cfgmod._Section):
     aggregator_kill_rounds: list[int] = []
     aggregator_unmask_kill_rounds: list[int] = []  # secure masking: killed between asking and unmasking
     broker_restart_rounds: list[int] = []
+    # Agents grouped in host processes (Scenario.agents_per_host > 1): this fraction of the
+    # hosts holding selected agents is also killed (training or mid-upload) or stopped,
+    # every agent of the host with it — a machine or rack lost, not one agent.
+    host_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     worker_kill_rounds: list[int] = []  # sharded: a shard worker (in turn) killed -9 mid-round, restarted
 
 
 class Scenario(cfgmod._Section):
     name: str
-    agents: Annotated[int, Field(ge=2, le=200)]
+    agents: Annotated[int, Field(ge=2, le=1000)]
+    # > 1: agents run as threads of host processes (fedmq fleet-host), this many each —
+    # how 200 agents fit in memory here; kill/stop faults then take the whole host.
+    agents_per_host: Annotated[int, Field(ge=1, le=200)] = 1
     rounds: Annotated[int, Field(ge=1)]
     broker: Literal["auto", "mosquitto", "embedded"] = "auto"
     min_agents: Annotated[int, Field(ge=1)] = 2
@@ -108,6 +115,17 @@ class Scenario(cfgmod._Section):
     def agent_ids(self) -> list[str]:
         return [f"agent-{i + 1}" for i in range(self.agents)]
 
+    @property
+    def hosts(self) -> dict[str, list[str]]:
+        """host process -> its agents (each agent its own process when agents_per_host is 1)."""
+        ids, n = self.agent_ids, self.agents_per_host
+        if n == 1:
+            return {a: [a] for a in ids}
+        return {f"host-{k // n + 1}": ids[k:k + n] for k in range(0, len(ids), n)}
+
+    def host_of(self, agent: str) -> str:
+        return agent if self.agents_per_host == 1 else f"host-{self.agent_ids.index(agent) // self.agents_per_host + 1}"
+
     def draw(self, rnd: int, selected: list[str], rng: np.random.Generator) -> list[Fault]:
         """The random faults of one round, drawn among the agents it selected (a fault
         on an agent that takes no part would test nothing)."""
@@ -126,6 +144,15 @@ class Scenario(cfgmod._Section):
             else:
                 out.append(Fault(round=rnd, kind="network", agent=agent, mode=pick, after_s=after,
                                  duration_s=float(rng.uniform(1.0, 4.0))))
+        if rf.host_fraction and self.agents_per_host > 1:
+            hosts = sorted({self.host_of(a) for a in selected})
+            n_hosts = min(len(hosts), max(1, round(rf.host_fraction * len(hosts))))
+            for host in sorted(rng.choice(hosts, size=n_hosts, replace=False).tolist()):
+                first = next(a for a in sorted(selected, key=self.agent_ids.index) if self.host_of(a) == host)
+                pick = ("kill-training", "kill-upload", "stop")[int(rng.integers(3))]
+                after = float(rng.uniform(0.0, 1.0))
+                out.append(Fault(round=rnd, kind="stop", agent=first, after_s=after) if pick == "stop" else
+                           Fault(round=rnd, kind="kill", agent=first, phase=pick.split("-")[1], after_s=after))
         if rnd in rf.aggregator_kill_rounds:
             out.append(Fault(round=rnd, kind="aggregator-kill", phase="upload"))
         if rnd in rf.aggregator_unmask_kill_rounds:
