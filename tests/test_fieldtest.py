@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fedmq.privacy import he, protection
+from fedmq.tools.local_broker import rabbitmq_binary
 from fedmq.protocol import wire
 from fedmq.runtime.config import ConfigError
 from fedmq.tools.fieldtest import oracle
@@ -62,6 +63,29 @@ def test_sharded_aggregation_under_thirty_percent_faults_every_round_exact(tmp_p
     assert "kill -9 aggregator (mid-round" in applied
     for worker in ("shard-1", "shard-2"):
         assert "after a restart:" in (tmp_path / f"run/logs/{worker}.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.long
+@pytest.mark.skipif(rabbitmq_binary() is None, reason="RabbitMQ is not installed here (.ci/run installs it)")
+def test_clustered_broker_losing_a_node_under_faults_every_round_exact(tmp_path):
+    """A RabbitMQ cluster of three nodes; node 1 is SIGKILLed mid-round 2 for good, with
+    agent faults around it: the agents on it fail over and every round is exact."""
+    scenario = tmp_path / "cluster.yaml"
+    scenario.write_text("name: cluster\nagents: 6\nrounds: 3\nbroker: rabbitmq-cluster\nmin_agents: 3\n"
+                        "round_timeout_s: 90\nselection_grace_s: 30\nchunk_delay_s: 0.1\n"
+                        "faults:\n  - {round: 2, kind: broker-node-kill, node: 1, after_s: 2.0}\n"
+                        "  - {round: 3, kind: kill, agent: agent-3, phase: upload}\n")
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "fedmq", "fieldtest", str(scenario), "--workdir",
+                           str(tmp_path / "run"), "--json", str(out)], capture_output=True, text=True, timeout=900,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["broker"] == "rabbitmq-cluster"
+    assert "RabbitMQ node 1 of 3 SIGKILLed" in " ".join(report["rounds"][1]["faults"])
+    for agent in ("agent-2", "agent-5"):  # node 1's agents
+        assert "reconnecting via broker node" in (tmp_path / f"run/logs/{agent}.log").read_text()
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from fedmq.tools.fieldtest.scenario import Fault, Scenario
 from fedmq.tools.fieldtest.tcp_proxy import TcpProxy
 from fedmq.tools.local_broker import MosquittoProcess, resolve_kind
 from fedmq.tools.local_cluster import Cluster, Observer, free_port
+from fedmq.tools.rabbitmq_cluster import RabbitMQCluster
 
 log = logging.getLogger("fedmq.tools.fieldtest")
 
@@ -88,7 +89,13 @@ class FieldTest:
                                max_samples=scenario.max_samples, shard_workers=scenario.shard_workers)
         self.mosquitto = MosquittoProcess(workdir / "mosquitto", self.cluster.port) \
             if self.broker_kind == "mosquitto" else None
-        self.proxies = {a: TcpProxy(self.cluster.port, name=f"net-{a}") for a in scenario.agent_ids}
+        self.rabbitmq = None
+        if self.broker_kind == "rabbitmq-cluster":
+            self.rabbitmq = RabbitMQCluster(workdir / "rabbitmq", [self.cluster.port, free_port(), free_port()])
+            self.cluster.broker_ports = self.rabbitmq.mqtt_ports
+        # Each agent's own proxy to its own node (node i mod n of a cluster).
+        self.proxies = {a: TcpProxy(self.cluster.endpoint(i).port, name=f"net-{a}")
+                        for i, a in enumerate(scenario.agent_ids)}
         self.rng = np.random.default_rng(scenario.seed)
         self.reports: dict[int, RoundReport] = {}
         self.started_at: dict[int, float] = {}
@@ -101,7 +108,9 @@ class FieldTest:
 
     # ------------------------------------------------------------------ processes
     def _start_broker(self) -> None:
-        if self.mosquitto:
+        if self.rabbitmq:
+            self.rabbitmq.start()
+        elif self.mosquitto:
             self.mosquitto.start()
         else:
             self.cluster.start_broker()
@@ -194,6 +203,11 @@ class FieldTest:
                 self._note(r, f"network {f.mode} {f.agent} {f.duration_s:.1f}s")
                 self._later(f.duration_s, lambda: proxy.set_mode("pass"))
             self._later(f.after_s, cut)
+        elif f.kind == "broker-node-kill":
+            def kill_node() -> None:
+                self.rabbitmq.kill(f.node)
+                self._note(r, f"RabbitMQ node {f.node} of 3 SIGKILLed mid-round (stays down)")
+            self._later(f.after_s, kill_node)
         elif f.kind == "broker-restart":
             def restart() -> None:
                 self._stop_broker()
@@ -266,8 +280,9 @@ class FieldTest:
         oracle_dir = self.workdir / "oracle"
         for a, proxy in self.proxies.items():
             proxy.start()
+            own = cluster.endpoint(sc.agent_ids.index(a))  # its node first, then the others (a cluster)
             cluster.agent_overrides[a] = {
-                "broker": cfgmod.BrokerEndpoint(port=proxy.port, keepalive=sc.keepalive_s),
+                "broker": own.model_copy(update={"port": proxy.port, "keepalive": sc.keepalive_s}),
                 "faults": cfgmod.FaultSettings(oracle_dir=oracle_dir, test_plaintext_dumps=True,
                                                chunk_delay_s=sc.chunk_delay_s)}
         cluster.write_configs(min_agents=sc.min_agents)
@@ -322,6 +337,8 @@ class FieldTest:
             cluster.stop_all()
             if self.mosquitto:
                 self.mosquitto.stop()
+            if self.rabbitmq:
+                self.rabbitmq.stop()
             for proxy in self.proxies.values():
                 proxy.stop()
         wall = time.monotonic() - t0

@@ -15,7 +15,8 @@ from pydantic import Field, model_validator
 from fedmq.runtime import config as cfgmod
 from fedmq.protocol.wire import Protection
 
-FaultKind = Literal["kill", "stop", "network", "broker-restart", "aggregator-kill", "worker-kill"]
+FaultKind = Literal["kill", "stop", "network", "broker-restart", "aggregator-kill", "worker-kill",
+                    "broker-node-kill"]
 
 
 class Fault(cfgmod._Section):
@@ -33,6 +34,7 @@ class Fault(cfgmod._Section):
     duration_s: Annotated[float, Field(gt=0)] = 3.0  # network outage / broker down time
     delay_s: Annotated[float, Field(ge=0)] = 0.3  # network mode 'delay'
     restart_after_s: Annotated[float, Field(ge=0)] | None = 2.0  # killed process comes back (None: never)
+    node: Annotated[int, Field(ge=1, le=2)] = 1  # broker-node-kill: which node of the cluster (0 hosts the services)
 
     @model_validator(mode="after")
     def _agent_given(self) -> Fault:
@@ -57,6 +59,7 @@ class RandomFaults(cfgmod._Section):
     # hosts holding selected agents is also killed (training or mid-upload) or stopped,
     # every agent of the host with it — a machine or rack lost, not one agent.
     host_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    broker_node_kill_rounds: list[int] = []  # broker rabbitmq-cluster: node 1 killed mid-round, for good
     worker_kill_rounds: list[int] = []  # sharded: a shard worker (in turn) killed -9 mid-round, restarted
 
 
@@ -67,7 +70,9 @@ class Scenario(cfgmod._Section):
     # how 200 agents fit in memory here; kill/stop faults then take the whole host.
     agents_per_host: Annotated[int, Field(ge=1, le=200)] = 1
     rounds: Annotated[int, Field(ge=1)]
-    broker: Literal["auto", "mosquitto", "embedded"] = "auto"
+    # rabbitmq-cluster: three RabbitMQ nodes of our own; agent i on node i mod 3 (through its
+    # proxy), the other nodes as its failover list; the services on node 0.
+    broker: Literal["auto", "mosquitto", "embedded", "rabbitmq-cluster"] = "auto"
     min_agents: Annotated[int, Field(ge=1)] = 2
     round_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     selection_grace_s: Annotated[float, Field(ge=0)] = 5.0
@@ -101,6 +106,15 @@ class Scenario(cfgmod._Section):
         workers = {f"shard-{k + 1}" for k in range(self.shard_workers)}
         if self.random_faults and self.random_faults.worker_kill_rounds and not workers:
             raise ValueError("worker_kill_rounds needs shard_workers")
+        clustered = self.broker == "rabbitmq-cluster"
+        node_kills = [f for f in self.faults if f.kind == "broker-node-kill"] + (
+            self.random_faults.broker_node_kill_rounds if self.random_faults else [])
+        restarts = [f for f in self.faults if f.kind == "broker-restart"] + (
+            self.random_faults.broker_restart_rounds if self.random_faults else [])
+        if node_kills and not clustered:
+            raise ValueError("a broker node kill needs broker: rabbitmq-cluster")
+        if restarts and clustered:
+            raise ValueError("broker: rabbitmq-cluster loses nodes (broker-node-kill), it is not restarted whole")
         for f in self.faults:
             if f.kind == "worker-kill":
                 if f.agent not in workers:
@@ -160,6 +174,8 @@ class Scenario(cfgmod._Section):
         if rnd in rf.worker_kill_rounds:
             k = rf.worker_kill_rounds.index(rnd) % self.shard_workers
             out.append(Fault(round=rnd, kind="worker-kill", agent=f"shard-{k + 1}", phase="upload"))
+        if rnd in rf.broker_node_kill_rounds:
+            out.append(Fault(round=rnd, kind="broker-node-kill", node=1, after_s=1.0, restart_after_s=None))
         if rnd in rf.broker_restart_rounds:
             out.append(Fault(round=rnd, kind="broker-restart", after_s=0.5))
         return out
