@@ -23,18 +23,23 @@ from fedmq.tools.fieldtest.tcp_proxy import TcpProxy
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _fieldtest(scenario: Path, tmp_path: Path, timeout: float = 900) -> tuple[subprocess.CompletedProcess, dict]:
+    """`fedmq fieldtest SCENARIO` as a user runs it; its report, after asserting it passed."""
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "fedmq", "fieldtest", str(scenario), "--workdir",
+                           str(tmp_path / "run"), "--json", str(out)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.long
 def test_smoke_scenario_passes_with_every_fault_applied(tmp_path):
     from tests.conftest import mosquitto_binary
 
     mosquitto_binary()  # the smoke test is meant to run on the real broker
-    out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "fedmq", "fieldtest", str(ROOT / "configs/fieldtests/smoke.yaml"),
-                           "--workdir", str(tmp_path / "run"), "--json", str(out)],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    proc, report = _fieldtest(ROOT / "configs/fieldtests/smoke.yaml", tmp_path, timeout=240)
     assert report["ok"] and report["broker"] == "mosquitto"
     assert [r["status"] for r in report["rounds"]] == ["aggregated"] * 4
     assert all(r["max_error"] < 1e-6 for r in report["rounds"])
@@ -51,12 +56,7 @@ def test_smoke_scenario_passes_with_every_fault_applied(tmp_path):
 def test_sharded_aggregation_under_thirty_percent_faults_every_round_exact(tmp_path):
     """Issue 17: two shard workers, each killed -9 mid-round once (and the root once, and
     the broker restarted), 30% agent faults per round: every round exact."""
-    out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "fedmq", "fieldtest", str(ROOT / "configs/fieldtests/sharded.yaml"),
-                           "--workdir", str(tmp_path / "run"), "--json", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    _, report = _fieldtest(ROOT / "configs/fieldtests/sharded.yaml", tmp_path)
     assert report["ok"] and [r["status"] for r in report["rounds"]] == ["aggregated"] * 8
     applied = " ".join(f for r in report["rounds"] for f in r["faults"])
     assert "kill -9 shard-1 (mid-round" in applied and "kill -9 shard-2 (mid-round" in applied
@@ -76,12 +76,7 @@ def test_clustered_broker_losing_a_node_under_faults_every_round_exact(tmp_path)
                         "round_timeout_s: 90\nselection_grace_s: 30\nchunk_delay_s: 0.1\n"
                         "faults:\n  - {round: 2, kind: broker-node-kill, node: 1, after_s: 2.0}\n"
                         "  - {round: 3, kind: kill, agent: agent-3, phase: upload}\n")
-    out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "fedmq", "fieldtest", str(scenario), "--workdir",
-                           str(tmp_path / "run"), "--json", str(out)], capture_output=True, text=True, timeout=900,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    _, report = _fieldtest(scenario, tmp_path)
     assert report["ok"] and report["broker"] == "rabbitmq-cluster"
     assert "RabbitMQ node 1 of 3 SIGKILLed" in " ".join(report["rounds"][1]["faults"])
     for agent in ("agent-2", "agent-5"):  # node 1's agents
@@ -94,13 +89,7 @@ def test_thirty_percent_faults_with_secure_masking_every_round_exact(tmp_path):
     """Issue 16: 30% faults per round with masking on — dropouts before and after
     upload, the aggregator killed mid-upload and again after asking for the mask
     correction, a broker restart — and every round's unmasked sum exact."""
-    out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "fedmq", "fieldtest",
-                           str(ROOT / "configs/fieldtests/thirty-percent-masked.yaml"),
-                           "--workdir", str(tmp_path / "run"), "--json", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    _, report = _fieldtest(ROOT / "configs/fieldtests/thirty-percent-masked.yaml", tmp_path)
     assert report["ok"] and [r["status"] for r in report["rounds"]] == ["aggregated"] * 8
     assert all(r["max_error"] < 1e-5 for r in report["rounds"])
     applied = " ".join(f for r in report["rounds"] for f in r["faults"])
