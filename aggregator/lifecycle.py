@@ -158,7 +158,7 @@ class RoundLifecycle:
         self._retained[st.round] = chunks
         self._clear_retained(keep_from=st.round - 1)
         log.info("round %d %s: %s; participants %s, dropped %s, %d partial upload(s) discarded, agg %.3fs",
-                 st.round, decision.outcome.value, decision.reason, participants, st.dropped,
+                 st.round, decision.outcome.value, decision.reason, _few(participants), _few(st.dropped),
                  dropped_partials, self.agg_s)
         self.metrics.rounds.labels(decision.outcome.value).inc()
         self.metrics.round_seconds.observe(time.monotonic() - self._round_opened)
@@ -187,3 +187,11 @@ class RoundLifecycle:
                 self.session.delete_retained(topics.round_result(self.task, rnd, seq))
             self.session.delete_retained(topics.round_start(self.task, rnd))
             self.session.delete_retained(topics.round_closed(self.task, rnd))
+
+
+def _few(agents: list[str], limit: int = 20) -> str:
+    """A list for a log line: whole when short; a thousand ids on one line help nobody
+    (the round-closed message and the telemetry database have them all)."""
+    if len(agents) <= limit:
+        return str(agents)
+    return f"{len(agents)} agents ({', '.join(agents[:5])}, ...)"
