@@ -28,9 +28,14 @@ class PartialSums:
     """Intake and folding of shard workers' partial sums (the root's side)."""
 
     def _shard_plan(self) -> dict[str, list[str]]:
-        """worker -> its agents in the open round (the same rule the round start announced)."""
-        return shards.members(sorted(self.state.selected), shards.assign(sorted(self.state.selected),
-                                                                         self.cfg.shard_workers))
+        """worker -> its agents in the open round (the same rule the round start announced);
+        computed once per round, not for every chunk of every partial."""
+        st = self.state
+        if self._plan_round != st.round:
+            selected = sorted(st.selected)
+            self._plan_round = st.round
+            self._plan = shards.members(selected, shards.assign(selected, self.cfg.shard_workers))
+        return self._plan
 
     def _on_partial_chunk(self, env: wire.Envelope) -> None:
         st = self.state

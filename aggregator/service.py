@@ -84,6 +84,7 @@ class Aggregator(Intake, Folding, PartialSums, Unmasking, RoundLifecycle):
         self.agg_s = 0.0
         self._worker_agg_s = 0.0  # sharded rounds: the slowest shard's fold time
         self._partials_done: set[str] = set()  # sharded rounds: workers whose partial sum is combined
+        self._plan_round, self._plan = -1, {}  # sharded rounds: the open round's worker -> agents
         self.n_params: int | None = None
         self.model_version = 0
         self.next_round = 1
